@@ -1,0 +1,53 @@
+"""orderguard: send each order intent at most once, provably.
+
+    from orderguard import Guard, OrderIntent, Side, OncePer, TradingDay
+    from orderguard.brokers import PaperBroker
+
+    guard = Guard.open("sqlite:///orderguard.db")
+    broker = PaperBroker.open("sqlite:///paper.db")
+    intent = OrderIntent(account="main", strategy="spx-calendar", symbol="SPX", side=Side.BUY, quantity=4)
+    result = guard.submit(intent, broker, policy=OncePer(TradingDay("XNYS"), by=("strategy",)))
+"""
+
+from __future__ import annotations
+
+from .claim import Claim, Outcome, SubmitResult, current_claim
+from .errors import (
+    AmbiguousOutcome,
+    ClockError,
+    ConfigurationError,
+    DuplicateClientOrderId,
+    FencedOut,
+    IntentNotFound,
+    InvalidIntent,
+    InvalidPolicy,
+    InvalidTransition,
+    NotClaimed,
+    OrderGuardError,
+    OrderRejected,
+    SchemaMismatch,
+    SendDeadlineExceeded,
+    StoreError,
+    StoreLocked,
+    StoreUnavailable,
+    UnsupportedFilesystem,
+)
+from .guard import Guard
+from .intent import OrderIntent, OrderType, Side, TimeInForce
+from .policies import Bucket, CalendarDay, Cooldown, Cycle, Ever, MaxOpen, OncePer, OneOpen, Policy, TradingDay
+from .reconcile import ReconcileReport
+from .states import State
+from .store.base import AttemptRecord, BlockReason, IntentRecord
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AmbiguousOutcome", "AttemptRecord", "BlockReason", "Bucket", "CalendarDay", "Claim",
+    "ClockError", "ConfigurationError", "Cooldown", "Cycle", "DuplicateClientOrderId", "Ever",
+    "FencedOut", "Guard", "IntentNotFound", "IntentRecord", "InvalidIntent", "InvalidPolicy",
+    "InvalidTransition", "MaxOpen", "NotClaimed", "OncePer", "OneOpen", "OrderGuardError",
+    "OrderIntent", "OrderRejected", "OrderType", "Outcome", "Policy", "ReconcileReport",
+    "SchemaMismatch", "SendDeadlineExceeded", "Side", "State", "StoreError", "StoreLocked",
+    "StoreUnavailable", "SubmitResult", "TimeInForce", "TradingDay", "UnsupportedFilesystem",
+    "current_claim",
+]

@@ -1,0 +1,207 @@
+"""Reconciliation: the only way an UNKNOWN intent is resolved (DESIGN invariant 4).
+
+For every intent whose outcome the ledger does not know (CLAIMED/SENDING past ``stale_after``,
+UNKNOWN) or that is still working (ACKED, PARTIALLY_FILLED), the reconciler looks the order up
+at the venue by its client order id and records what the venue says, taking the intent over
+with a new fencing token so a paused former owner cannot overwrite the decision.
+
+"Not found" is only believed after two lookups at least ``grace`` seconds apart (venues show
+an accepted order with a lag); only then does the intent become NOT_FOUND and free its scope.
+Finally it compares the ledger's filled positions with the venue's positions (drift).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import TYPE_CHECKING
+
+from . import _crash
+from .errors import FencedOut, InvalidTransition, OrderGuardError
+from .states import PENDING, State, can_transition
+from .store.base import TransitionFields
+
+if TYPE_CHECKING:
+    from .brokers.base import Broker, BrokerOrder
+    from .store.base import IntentRecord, Store
+
+log = logging.getLogger("orderguard.reconcile")
+_OPEN_STATES = (State.CLAIMED, State.SENDING, State.UNKNOWN, State.ACKED, State.PARTIALLY_FILLED)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the reconciler concluded about one intent, and why."""
+
+    intent_id: str
+    client_order_id: str
+    strategy: str
+    symbol: str
+    before: State
+    after: State | None  # None: left as it was
+    why: str
+
+
+@dataclass(frozen=True)
+class Drift:
+    """The ledger's filled position differs from the venue's."""
+
+    account: str
+    symbol: str
+    ledger: Decimal
+    broker: Decimal
+
+    @property
+    def difference(self) -> Decimal:
+        return self.broker - self.ledger
+
+
+@dataclass
+class ReconcileReport:
+    decisions: list[Decision] = field(default_factory=list)  # intents whose state changed
+    unresolved: list[Decision] = field(default_factory=list)  # still open, with the reason
+    drift: list[Drift] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not self.unresolved and not self.drift
+
+    def lines(self) -> list[str]:
+        """One operator-readable line per decision, open question and drift."""
+        out = [f"{d.client_order_id} {d.strategy} {d.symbol}: {d.before.value} -> {d.after.value if d.after else '-'}: {d.why}" for d in self.decisions]
+        out += [f"{d.client_order_id} {d.strategy} {d.symbol}: still {d.before.value}: {d.why}" for d in self.unresolved]
+        out += [f"DRIFT {x.account} {x.symbol}: ledger {x.ledger}, venue {x.broker} (difference {x.difference})" for x in self.drift]
+        return out
+
+
+def _decision(rec: IntentRecord, after: State | None, why: str) -> Decision:
+    return Decision(rec.id, rec.client_order_id, rec.strategy, rec.symbol, rec.state, after, why)
+
+
+class _Reconciler:
+    def __init__(self, store: Store, broker: Broker, grace: float, stale_after: float) -> None:
+        self.store, self.broker, self.grace, self.stale_after = store, broker, grace, stale_after
+        self.report = ReconcileReport()
+
+    def lookup(self, rec: IntentRecord) -> tuple[bool, BrokerOrder | None]:
+        try:
+            order = self.broker.lookup(rec.client_order_id)
+        except Exception as exc:  # a failed lookup proves nothing either way
+            self.report.unresolved.append(_decision(rec, None, f"lookup at {self.broker.name} failed: {exc}"))
+            return False, None
+        _crash.point("reconcile_after_lookup")
+        return True, order
+
+    def write(self, rec: IntentRecord, target: State, facts: TransitionFields, why: str) -> IntentRecord | None:
+        try:
+            new = self.store.transition(rec.id, rec.fence, target, facts, take_over=True)
+        except FencedOut:
+            self.report.unresolved.append(_decision(rec, None, "its owner updated it during reconciliation; run again"))
+            return None
+        self.report.decisions.append(_decision(rec, target, why))
+        log.info("reconciled %s: %s -> %s: %s", rec.client_order_id, rec.state.value, target.value, why)
+        return new
+
+    def apply(self, rec: IntentRecord, order: BrokerOrder) -> None:
+        target = order.status.state
+        facts = TransitionFields(order.broker_order_id, order.filled_quantity, order.average_price)
+        if target is rec.state and order.filled_quantity == rec.filled_quantity:
+            return  # nothing new
+        if not can_transition(rec.state, target):
+            self.report.unresolved.append(_decision(
+                rec, None, f"venue shows {order.status.value}, which cannot follow {rec.state.value}; check by hand"
+            ))
+            return
+        price = f" @ {order.average_price}" if order.average_price is not None else ""
+        why = f"venue shows {order.status.value}, filled {order.filled_quantity}{price}, broker id {order.broker_order_id}"
+        self.write(rec, target, facts, why)
+
+    def first_pass(self, rec: IntentRecord, now: float) -> IntentRecord | None:
+        """Look one intent up; returns it when the venue did not show it (needs a second look)."""
+        if rec.state in PENDING and now - rec.created_at < self.stale_after:
+            self.report.unresolved.append(_decision(
+                rec, None, f"{rec.state.value} for {now - rec.created_at:.1f}s; its owner may still be "
+                f"sending (treated as stale after {self.stale_after:g}s)",
+            ))
+            return None
+        ok, order = self.lookup(rec)
+        if not ok:
+            return None
+        if order is not None:
+            self.apply(rec, order)
+            return None
+        if rec.state in (State.ACKED, State.PARTIALLY_FILLED):
+            self.report.unresolved.append(_decision(
+                rec, None, f"recorded {rec.state.value} but {self.broker.name} shows no order {rec.client_order_id}; check by hand",
+            ))
+            return None
+        if rec.state in PENDING:
+            moved = self.write(rec, State.UNKNOWN, TransitionFields(note="owner stopped before recording the venue's answer"),
+                               f"owner left it {rec.state.value} for {now - rec.created_at:.1f}s; the venue does not show it yet")
+            if moved is None:
+                return None
+            rec = moved
+        return self.store.note_lookup_miss(rec.id, rec.fence, now)
+
+    def second_pass(self, rec: IntentRecord, now: float) -> None:
+        first = rec.first_miss_at if rec.first_miss_at is not None else now
+        if now - first < self.grace:
+            self.report.unresolved.append(_decision(
+                rec, None, f"not found once; waiting out the venue's lookup lag ({self.grace:g}s) before believing it",
+            ))
+            return
+        ok, order = self.lookup(rec)
+        if not ok:
+            return
+        if order is not None:
+            self.apply(rec, order)
+            return
+        self.write(rec, State.NOT_FOUND, TransitionFields(note="not found at the venue on two lookups"),
+                   f"{self.broker.name} shows no order {rec.client_order_id} on two lookups {now - first:.1f}s apart: "
+                   "never placed; scope freed")
+
+    def drift(self) -> None:
+        ledger = self.store.filled_positions()
+        venue = {(p.account, p.symbol): p.quantity for p in self.broker.positions()}
+        accounts = {account for account, _ in ledger}
+        for key in sorted(set(ledger) | {k for k in venue if k[0] in accounts}):
+            have, want = ledger.get(key, Decimal(0)), venue.get(key, Decimal(0))
+            if have != want:
+                self.report.drift.append(Drift(key[0], key[1], have, want))
+
+
+def reconcile(store: Store, broker: Broker, *, grace: float, stale_after: float, wait: bool = True) -> ReconcileReport:
+    """Resolve what the ledger does not know by asking the venue. Safe to run at any time,
+    from any process, concurrently with live guards (every write is fenced).
+
+    ``wait=True`` sleeps out the lookup grace within this call so a lost order is resolved in
+    one run; ``wait=False`` records the first miss and leaves the rest to a later run.
+    """
+    rec_ = _Reconciler(store, broker, grace, stale_after)
+    now = store.now()
+    candidates = sorted(store.intents(states=_OPEN_STATES, limit=1_000_000), key=lambda r: r.created_at)
+    misses: list[IntentRecord] = []
+    for rec in candidates:
+        try:
+            missed = rec_.first_pass(rec, now)
+        except (FencedOut, InvalidTransition) as exc:
+            rec_.report.unresolved.append(_decision(rec, None, str(exc)))
+            continue
+        if missed is not None:
+            misses.append(missed)
+    if misses and wait:
+        wake = max((m.first_miss_at or now) + grace for m in misses)
+        time.sleep(max(0.0, wake - store.now()))
+    now = store.now()
+    for rec in misses:
+        try:
+            rec_.second_pass(rec, now)
+        except OrderGuardError as exc:
+            rec_.report.unresolved.append(_decision(rec, None, str(exc)))
+    try:
+        rec_.drift()
+    except Exception as exc:
+        log.warning("position drift check against %s failed: %s", broker.name, exc)
+    return rec_.report

@@ -1,0 +1,24 @@
+"""Ledger stores. ``open_store(url)`` picks one by URL scheme."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ConfigurationError
+from .base import AttemptRecord, BlockReason, Caller, ClaimDecision, IntentRecord, Store
+from .sqlite import SQLiteStore, path_from_url
+
+
+def open_store(url: str, **options: Any) -> Store:
+    """``sqlite:///path.db`` (or a bare path) opens the embedded SQLite ledger."""
+    if url.startswith(("postgresql://", "postgres://")):
+        raise ConfigurationError("the PostgreSQL store is not available in this version of orderguard")
+    if "://" in url and not url.startswith("sqlite://"):
+        raise ConfigurationError(f"unknown store URL {url!r}: use sqlite:///path.db")
+    return SQLiteStore(path_from_url(url), **options)
+
+
+__all__ = [
+    "AttemptRecord", "BlockReason", "Caller", "ClaimDecision", "IntentRecord", "SQLiteStore",
+    "Store", "open_store",
+]

@@ -1,0 +1,326 @@
+"""The store contract: what every ledger store (SQLite, PostgreSQL) must provide.
+
+The store *is* the arbiter (DESIGN invariant 1): :meth:`Store.claim` evaluates every scope
+rule and either records the new intent, its scope holds and the attempt in one transaction
+(one durable commit), or records a blocked attempt naming the holder. Every later change of an
+intent goes through :meth:`Store.transition`, a compare-and-set on (intent id, fencing token).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import socket
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from decimal import Decimal
+from enum import Enum
+from typing import TYPE_CHECKING
+
+from ..policies import ScopeKind, ScopeRule
+from ..states import PENDING, WORKING, State
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from ..intent import OrderIntent
+    from ..policies import Policy
+
+SCHEMA_VERSION = 1
+CLIENT_ORDER_ID_MAX = 32
+
+
+class BlockReason(str, Enum):
+    """Why an attempt was blocked (DESIGN invariant 8)."""
+
+    DUPLICATE = "DUPLICATE"
+    IN_FLIGHT = "IN_FLIGHT"
+    UNKNOWN_PENDING = "UNKNOWN_PENDING"
+    COOLDOWN = "COOLDOWN"
+    OPEN_POSITION = "OPEN_POSITION"
+    MAX_OPEN = "MAX_OPEN"
+    RATE_LIMIT = "RATE_LIMIT"
+    NOTIONAL_LIMIT = "NOTIONAL_LIMIT"
+    HALTED = "HALTED"
+    CONFLICT = "CONFLICT"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is attempting: recorded with every attempt and every claimed intent."""
+
+    host: str
+    pid: int
+    runner: str
+    thread: str
+    task: str | None = None
+
+    @classmethod
+    def current(cls, runner: str, task: str | None = None) -> Caller:
+        return cls(
+            host=_HOST, pid=os.getpid(), runner=runner,
+            thread=threading.current_thread().name, task=task,
+        )
+
+
+_HOST = socket.gethostname()
+
+
+@dataclass(frozen=True)
+class IntentRecord:
+    """One claimed intent as the ledger holds it."""
+
+    id: str
+    client_order_id: str
+    fence: int
+    scope_key: str  # the primary scope, whose counter issued the fence
+    scope_keys: tuple[str, ...]
+    state: State
+    account: str
+    strategy: str
+    symbol: str
+    side: str
+    quantity: Decimal
+    order_type: str
+    limit_price: Decimal | None
+    stop_price: Decimal | None
+    time_in_force: str
+    source: str
+    tags: dict[str, str]
+    payload_digest: str
+    created_at: float
+    updated_at: float
+    host: str
+    pid: int
+    runner: str
+    thread: str
+    task: str | None
+    broker_order_id: str | None = None
+    filled_quantity: Decimal = Decimal(0)
+    average_price: Decimal | None = None
+    released: bool = False
+    closed: bool = False
+    note: str | None = None
+    first_miss_at: float | None = None
+
+    @property
+    def working(self) -> bool:
+        return self.state in WORKING
+
+    def who(self) -> str:
+        """``scheduler on host-a pid 4242 (thread MainThread)``."""
+        where = f"{self.host} pid {self.pid}"
+        ctx = f"task {self.task}" if self.task else f"thread {self.thread}"
+        return f"{self.source} on {where} ({ctx})"
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    """One attempt, allowed or blocked (DESIGN invariant 8)."""
+
+    id: int
+    at: float
+    outcome: str  # CLAIMED or BLOCKED
+    reason: BlockReason | None
+    intent_id: str | None
+    holder_id: str | None
+    scope_key: str | None
+    host: str
+    pid: int
+    runner: str
+    thread: str
+    task: str | None
+    source: str
+    account: str
+    strategy: str
+    symbol: str
+    side: str
+    quantity: Decimal
+    order_type: str
+    limit_price: Decimal | None
+    stop_price: Decimal | None
+    message: str
+
+
+@dataclass(frozen=True)
+class ClaimDecision:
+    """What the store decided for one attempt."""
+
+    claimed: bool
+    attempt_id: int
+    intent: IntentRecord | None = None  # the new intent, when claimed
+    reason: BlockReason | None = None
+    holder: IntentRecord | None = None  # the intent that holds the scope, when blocked
+    rule: ScopeRule | None = None  # the rule that blocked
+    message: str = ""
+    rules: tuple[ScopeRule, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class TransitionFields:
+    """Optional facts recorded with a state transition."""
+
+    broker_order_id: str | None = None
+    filled_quantity: Decimal | None = None
+    average_price: Decimal | None = None
+    note: str | None = None
+
+
+def client_order_id(namespace: str, scope_key: str, fence: int) -> str:
+    """Deterministic client order id for (scope, fencing token): ``og-<20 base32>-<base36>``.
+
+    At most 32 characters of ``[a-z0-9-]`` (DESIGN invariant 3). The store's namespace keeps
+    ids from a wiped and recreated ledger from colliding with orders the venue remembers.
+    """
+    digest = hashlib.sha256(f"{namespace}\x1f{scope_key}".encode()).digest()
+    head = base64.b32encode(digest).decode("ascii").lower()[:20]
+    token = _base36(fence)
+    coid = f"og-{head}-{token}"
+    if len(coid) > CLIENT_ORDER_ID_MAX:  # only past 36**8 claims of one scope
+        raise OverflowError(f"fencing token {fence} too large for a client order id")
+    return coid
+
+
+def _base36(n: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while True:
+        n, r = divmod(n, 36)
+        out = digits[r] + out
+        if n == 0:
+            return out
+
+
+def new_intent_id() -> str:
+    """Sortable unique id: 48-bit milliseconds + 80 random bits, Crockford base32 (26 chars)."""
+    value = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
+    alphabet = "0123456789abcdefghjkmnpqrstvwxyz"
+    chars = []
+    for _ in range(26):
+        value, r = divmod(value, 32)
+        chars.append(alphabet[r])
+    return "".join(reversed(chars))
+
+
+def explain_block(
+    rule: ScopeRule, intent: OrderIntent, holders: Sequence[IntentRecord]
+) -> tuple[BlockReason, IntentRecord | None]:
+    """Name the reason a scope refused ``intent``, from the intents holding it.
+
+    Shared by every store so one situation gets one reason everywhere:
+    an UNKNOWN holder first (the operator must reconcile it); then an unfinished holder (an
+    identical one is IN_FLIGHT, a different one a CONFLICT); then the policy's own reason.
+    """
+    if not holders:
+        return (BlockReason.COOLDOWN if rule.kind is ScopeKind.COOLDOWN else BlockReason.DUPLICATE), None
+    ranked = sorted(holders, key=lambda h: -h.created_at)
+    for h in ranked:
+        if h.state is State.UNKNOWN:
+            return BlockReason.UNKNOWN_PENDING, h
+    digest = intent.payload_digest()
+    single = rule.kind is not ScopeKind.OPEN or rule.limit == 1
+    for h in ranked:
+        if h.state in WORKING:
+            if h.payload_digest == digest:
+                if h.state in PENDING or rule.kind is not ScopeKind.COOLDOWN:
+                    return BlockReason.IN_FLIGHT, h
+            elif single:
+                return BlockReason.CONFLICT, h
+    latest = ranked[0]
+    if rule.kind is ScopeKind.ONCE:
+        return BlockReason.DUPLICATE, latest
+    if rule.kind is ScopeKind.COOLDOWN:
+        return BlockReason.COOLDOWN, latest
+    return (BlockReason.OPEN_POSITION if rule.limit == 1 else BlockReason.MAX_OPEN), latest
+
+
+class Store(ABC):
+    """A transactional ledger of intents and attempts. Safe to share between threads."""
+
+    namespace: str  # random per ledger, fixed at creation; salts client order ids
+
+    @abstractmethod
+    def now(self) -> float:
+        """The store's clock, Unix seconds. Raises ClockError when it cannot be trusted."""
+
+    @abstractmethod
+    def claim(
+        self,
+        intent: OrderIntent,
+        policies: Sequence[Policy],
+        caller: Caller,
+        *,
+        state: State = State.SENDING,
+    ) -> ClaimDecision:
+        """Arbitrate and record one attempt atomically.
+
+        Claimed: the intent (in ``state``), its scope holds and the attempt are committed
+        together. Blocked: only the attempt is committed, with the reason and the holder.
+        """
+
+    @abstractmethod
+    def transition(
+        self,
+        intent_id: str,
+        fence: int,
+        target: State,
+        facts: TransitionFields | None = None,
+        *,
+        take_over: bool = False,
+    ) -> IntentRecord:
+        """Compare-and-set the intent's state on (id, fence).
+
+        ``take_over=True`` (the reconciler, an operator) first draws a new fencing token from
+        the scope so the previous owner's late writes are refused. Raises FencedOut when the
+        fence no longer matches and InvalidTransition when the state machine forbids it.
+        """
+
+    @abstractmethod
+    def note_lookup_miss(self, intent_id: str, fence: int, at: float) -> IntentRecord:
+        """Remember the first time a lookup at the venue did not find the intent."""
+
+    @abstractmethod
+    def mark_closed(self, intent_id: str) -> IntentRecord:
+        """Mark a filled intent's position closed: it stops counting for OneOpen/MaxOpen."""
+
+    @abstractmethod
+    def get(self, ref: str) -> IntentRecord:
+        """One intent by id or client order id. Raises IntentNotFound."""
+
+    @abstractmethod
+    def intents(
+        self,
+        *,
+        states: Sequence[State] | None = None,
+        strategy: str | None = None,
+        since: float | None = None,
+        limit: int = 1000,
+    ) -> list[IntentRecord]:
+        """Intents, newest first."""
+
+    @abstractmethod
+    def attempts(
+        self,
+        *,
+        intent_id: str | None = None,
+        holder_id: str | None = None,
+        blocked: bool | None = None,
+        reason: BlockReason | None = None,
+        since: float | None = None,
+        limit: int = 1000,
+    ) -> list[AttemptRecord]:
+        """Attempts, newest first."""
+
+    @abstractmethod
+    def filled_positions(self) -> dict[tuple[str, str], Decimal]:
+        """Net filled quantity per (account, symbol) according to the ledger (buys minus sells)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections. The ledger stays on disk."""

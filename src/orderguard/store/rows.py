@@ -1,0 +1,97 @@
+"""Row <-> record conversion shared by the SQL stores (columns as in the schema's order)."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from ..intent import canonical_decimal
+from ..states import State
+from .base import AttemptRecord, BlockReason, Caller, IntentRecord
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from ..intent import OrderIntent
+
+
+def _dec(text: str | None) -> Decimal | None:
+    return None if text is None or text == "" else Decimal(text)
+
+
+def intent_from_row(row: Sequence[Any]) -> IntentRecord:
+    (id_, coid, fence, scope_key, scope_keys, state, account, strategy, symbol, side, quantity,
+     order_type, limit_price, stop_price, tif, source, tags, digest, created_at, updated_at, host,
+     pid, runner, thread, task, broker_order_id, filled, avg, released, closed, note, miss) = row
+    return IntentRecord(
+        id=id_, client_order_id=coid, fence=int(fence), scope_key=scope_key,
+        scope_keys=tuple(scope_keys.split("\n")), state=State(state), account=account,
+        strategy=strategy, symbol=symbol, side=side, quantity=Decimal(quantity),
+        order_type=order_type, limit_price=_dec(limit_price), stop_price=_dec(stop_price),
+        time_in_force=tif, source=source, tags=json.loads(tags), payload_digest=digest,
+        created_at=float(created_at), updated_at=float(updated_at), host=host, pid=int(pid),
+        runner=runner, thread=thread, task=task, broker_order_id=broker_order_id,
+        filled_quantity=Decimal(filled), average_price=_dec(avg), released=bool(released),
+        closed=bool(closed), note=note, first_miss_at=None if miss is None else float(miss),
+    )
+
+
+def attempt_from_row(row: Sequence[Any]) -> AttemptRecord:
+    (id_, at, outcome, reason, intent_id, holder_id, scope_key, host, pid, runner, thread, task,
+     source, account, strategy, symbol, side, quantity, order_type, limit_price, stop_price,
+     message) = row
+    return AttemptRecord(
+        id=int(id_), at=float(at), outcome=outcome,
+        reason=None if reason is None else BlockReason(reason), intent_id=intent_id,
+        holder_id=holder_id, scope_key=scope_key, host=host, pid=int(pid), runner=runner,
+        thread=thread, task=task, source=source, account=account, strategy=strategy,
+        symbol=symbol, side=side, quantity=Decimal(quantity), order_type=order_type,
+        limit_price=_dec(limit_price), stop_price=_dec(stop_price), message=message,
+    )
+
+
+def new_intent_record(
+    intent: OrderIntent, intent_id: str, coid: str, fence: int, scope_keys: tuple[str, ...],
+    state: State, caller: Caller, now: float,
+) -> IntentRecord:
+    return IntentRecord(
+        id=intent_id, client_order_id=coid, fence=fence, scope_key=scope_keys[0],
+        scope_keys=scope_keys, state=state, account=intent.account, strategy=intent.strategy,
+        symbol=intent.symbol, side=intent.side.value, quantity=intent.quantity,
+        order_type=intent.order_type.value, limit_price=intent.limit_price,
+        stop_price=intent.stop_price, time_in_force=intent.time_in_force.value,
+        source=intent.source, tags=dict(intent.tags), payload_digest=intent.payload_digest(),
+        created_at=now, updated_at=now, host=caller.host, pid=caller.pid, runner=caller.runner,
+        thread=caller.thread, task=caller.task,
+    )
+
+
+def intent_row(rec: IntentRecord) -> tuple[Any, ...]:
+    """The insert parameters of a new intent, in INTENT_COLUMNS order."""
+    return (
+        rec.id, rec.client_order_id, rec.fence, rec.scope_key, "\n".join(rec.scope_keys),
+        rec.state.value, rec.account, rec.strategy, rec.symbol, rec.side,
+        canonical_decimal(rec.quantity), rec.order_type, _opt(rec.limit_price),
+        _opt(rec.stop_price), rec.time_in_force, rec.source,
+        json.dumps(rec.tags, sort_keys=True), rec.payload_digest, rec.created_at, rec.updated_at,
+        rec.host, rec.pid, rec.runner, rec.thread, rec.task, None, "0", None, 0, 0, None, None,
+    )
+
+
+def attempt_row(
+    at: float, outcome: str, reason: BlockReason | None, intent_id: str | None,
+    holder_id: str | None, scope_key: str | None, caller: Caller, intent: OrderIntent, message: str,
+) -> tuple[Any, ...]:
+    """Insert parameters of an attempt (every column but ``id``)."""
+    return (
+        at, outcome, None if reason is None else reason.value, intent_id, holder_id, scope_key,
+        caller.host, caller.pid, caller.runner, caller.thread, caller.task, intent.source,
+        intent.account, intent.strategy, intent.symbol, intent.side.value,
+        canonical_decimal(intent.quantity), intent.order_type.value, _opt(intent.limit_price),
+        _opt(intent.stop_price), message,
+    )
+
+
+def _opt(value: Decimal | None) -> str | None:
+    return None if value is None else canonical_decimal(value)

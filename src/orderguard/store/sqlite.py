@@ -1,0 +1,420 @@
+"""The embedded SQLite ledger (DESIGN invariant 1 on SQLite).
+
+Every write is one ``BEGIN IMMEDIATE`` transaction in WAL mode, so writers from every thread
+and process on the host are serialised by SQLite's own lock, and each scope is taken with a
+single conditional write (an upsert whose ``WHERE`` only lets a free scope change hands). The
+claim is one durable commit (``synchronous=FULL`` by default).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+import uuid
+from decimal import Decimal
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from .._sqlite import SQLiteFile
+from ..errors import (
+    ClockError,
+    ConfigurationError,
+    FencedOut,
+    IntentNotFound,
+    InvalidTransition,
+    SchemaMismatch,
+    StoreUnavailable,
+    UnsupportedFilesystem,
+)
+from ..intent import canonical_decimal
+from ..messages import block_message
+from ..policies import ScopeKind, ScopeRule
+from ..states import PENDING, TERMINAL, State, can_transition, releases
+from .base import (
+    SCHEMA_VERSION,
+    AttemptRecord,
+    BlockReason,
+    Caller,
+    ClaimDecision,
+    IntentRecord,
+    Store,
+    TransitionFields,
+    client_order_id,
+    explain_block,
+    new_intent_id,
+)
+from .rows import attempt_from_row, attempt_row, intent_from_row, intent_row, new_intent_record
+from .schema_sqlite import ATTEMPT_COLUMNS, INTENT_COLUMNS, SCHEMA_V1
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from ..intent import OrderIntent
+    from ..policies import Policy
+
+# File systems whose byte-range locks SQLite cannot rely on (sqlite.org/useovernet.html).
+NETWORK_FILESYSTEMS = frozenset({
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "afs", "9p", "virtiofs", "fuse.sshfs",
+    "sshfs", "glusterfs", "fuse.glusterfs", "ceph", "fuse.ceph", "lustre", "gpfs", "ocfs2",
+    "gfs2", "davfs", "fuse.s3fs", "fuse.rclone", "fuse.gcsfuse", "beegfs",
+})
+# A wall clock outside these bounds is broken, not merely skewed (2020-01-01 .. 2100-01-01).
+CLOCK_MIN, CLOCK_MAX = 1_577_836_800.0, 4_102_444_800.0
+_PENDING_SQL = ", ".join(f"'{s.value}'" for s in (*PENDING, State.UNKNOWN))
+
+_CLAIM_ONCE = """
+INSERT INTO scopes(key, kind, fence, holder, held_at) VALUES (?, 'once', 1, ?, ?)
+ON CONFLICT(key) DO UPDATE SET fence = fence + 1, holder = excluded.holder, held_at = excluded.held_at
+WHERE scopes.holder IS NULL
+   OR (SELECT released FROM intents WHERE id = scopes.holder) IS NOT 0
+RETURNING fence
+"""
+_CLAIM_COOLDOWN = f"""
+INSERT INTO scopes(key, kind, fence, holder, held_at) VALUES (?, 'cooldown', 1, ?, ?)
+ON CONFLICT(key) DO UPDATE SET fence = fence + 1, holder = excluded.holder, held_at = excluded.held_at
+WHERE scopes.holder IS NULL
+   OR (SELECT released FROM intents WHERE id = scopes.holder) IS NOT 0
+   OR (scopes.held_at <= ? AND (SELECT state FROM intents WHERE id = scopes.holder) NOT IN ({_PENDING_SQL}))
+RETURNING fence
+"""
+_CLAIM_OPEN = """
+INSERT INTO holds(scope_key, intent_id)
+SELECT ?, ? WHERE (SELECT count(*) FROM holds WHERE scope_key = ?) < ?
+"""
+_BUMP_FENCE = """
+INSERT INTO scopes(key, kind, fence) VALUES (?, ?, 1)
+ON CONFLICT(key) DO UPDATE SET fence = fence + 1
+RETURNING fence
+"""
+_HOLDER = f"SELECT {', '.join('i.' + c.strip() for c in INTENT_COLUMNS.split(','))} FROM scopes s JOIN intents i ON i.id = s.holder WHERE s.key = ?"
+_OPEN_HOLDERS = f"SELECT {', '.join('i.' + c.strip() for c in INTENT_COLUMNS.split(','))} FROM holds h JOIN intents i ON i.id = h.intent_id WHERE h.scope_key = ?"
+_INSERT_INTENT = f"INSERT INTO intents({INTENT_COLUMNS}) VALUES ({', '.join('?' * len(INTENT_COLUMNS.split(',')))})"
+_INSERT_ATTEMPT = f"INSERT INTO attempts({ATTEMPT_COLUMNS.removeprefix('id, ')}) VALUES ({', '.join('?' * (len(ATTEMPT_COLUMNS.split(',')) - 1))}) RETURNING id"
+
+
+def path_from_url(url: str) -> str:
+    """``sqlite:///rel.db`` -> ``rel.db``; ``sqlite:////abs/x.db`` -> ``/abs/x.db``; a bare path stays."""
+    if url.startswith("sqlite://"):
+        rest = url[len("sqlite://"):]
+        if not rest.startswith("/"):
+            raise ConfigurationError(f"SQLite URL {url!r} must look like sqlite:///relative.db or sqlite:////abs/path.db")
+        path = rest[1:]
+    else:
+        path = url
+    if not path or path == ":memory:" or path.startswith("file:"):
+        raise ConfigurationError(
+            f"SQLite ledger {url!r} must be a file on local disk: an in-memory ledger is not durable "
+            "and cannot be shared between processes"
+        )
+    return path
+
+
+def filesystem_type(path: str, mounts_text: str | None = None) -> str:
+    """The file system type holding ``path`` (longest mount point prefix in /proc/mounts)."""
+    if mounts_text is None:
+        try:
+            with open("/proc/mounts", encoding="utf-8") as fh:
+                mounts_text = fh.read()
+        except OSError:
+            return "unknown"
+    real = os.path.realpath(path)
+    best, best_type = "", "unknown"
+    for line in mounts_text.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mount_point = fields[1].replace("\\040", " ")
+        prefix = mount_point.rstrip("/") + "/"
+        if (real == mount_point or real.startswith(prefix) or mount_point == "/") and len(mount_point) >= len(best):
+            best, best_type = mount_point, fields[2]
+    return best_type
+
+
+def refuse_network_filesystem(path: str, mounts_text: str | None = None) -> None:
+    """Raise UnsupportedFilesystem when ``path`` lives on a network file system."""
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    fstype = filesystem_type(directory, mounts_text)
+    if fstype in NETWORK_FILESYSTEMS or fstype.startswith("nfs"):
+        raise UnsupportedFilesystem(
+            f"refusing SQLite ledger {path!r}: it is on a network file system ({fstype}), where "
+            "SQLite's locks are unreliable and two hosts could both claim the same intent. Put the "
+            "ledger on a local disk, or use PostgreSQL (Guard.open('postgresql://...')) for several hosts."
+        )
+
+
+class SQLiteStore(Store):
+    """Ledger in one SQLite file, shared by every thread and process on the host.
+
+    ``synchronous="FULL"`` (default) makes each claim survive power loss; ``"NORMAL"`` keeps it
+    safe across process crashes only, for a much cheaper commit in WAL mode.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        synchronous: str = "FULL",
+        busy_timeout: float = 5.0,
+        clock: Callable[[], float] = time.time,
+        create: bool = True,
+    ) -> None:
+        self.path = path
+        self._db = SQLiteFile(path, synchronous=synchronous, busy_timeout=busy_timeout)
+        self.synchronous = self._db.synchronous
+        self._clock = clock
+        refuse_network_filesystem(path)
+        if not create and not os.path.exists(path):
+            raise StoreUnavailable(f"no ledger at {path!r}; run `orderguard migrate` to create one")
+        self.namespace = self._open_schema(create)
+
+    def _open_schema(self, create: bool) -> str:
+        rows = self._db.read("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'meta'")
+        if not rows:
+            if not create:
+                raise SchemaMismatch(f"{self.path!r} is not an orderguard ledger; run `orderguard migrate`")
+            with self._db.write("schema creation") as conn:
+                # executescript() would COMMIT on its own: run the statements one by one.
+                for statement in SCHEMA_V1.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(
+                    "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?), ('namespace', ?), ('created_at', ?)",
+                    (str(SCHEMA_VERSION), uuid.uuid4().hex, str(time.time())),
+                )
+        meta = dict(self._db.read("SELECT key, value FROM meta"))
+        version = int(meta.get("schema_version", "0"))
+        if version != SCHEMA_VERSION:
+            newer = version > SCHEMA_VERSION
+            raise SchemaMismatch(
+                f"ledger {self.path!r} has schema version {version}; this orderguard understands "
+                f"{SCHEMA_VERSION}. "
+                + ("Upgrade orderguard on this host." if newer else "Run `orderguard migrate`.")
+            )
+        return str(meta["namespace"])
+
+    # ------------------------------------------------------------------------------ clock
+
+    def now(self) -> float:
+        now = self._clock()
+        if not CLOCK_MIN <= now <= CLOCK_MAX:
+            raise ClockError(f"the host clock reads {now!r}, which cannot be right; nothing was sent")
+        return now
+
+    # ------------------------------------------------------------------------------ claim
+
+    def claim(
+        self,
+        intent: OrderIntent,
+        policies: Sequence[Policy],
+        caller: Caller,
+        *,
+        state: State = State.SENDING,
+    ) -> ClaimDecision:
+        intent_id = new_intent_id()
+        with self._db.write("claim") as conn:
+            now = self.now()
+            moment = datetime.fromtimestamp(now, tz=timezone.utc)
+            rules = tuple(p.rule(intent, moment) for p in policies)
+            fence = 0
+            for index, rule in enumerate(rules):
+                token = self._take(conn, rule, intent_id, now)
+                if token is None:
+                    reason, holder = explain_block(rule, intent, self._holders(conn, rule))
+                    message = block_message(reason, intent, rule, holder)
+                    holder_id = holder.id if holder else None
+                    row = attempt_row(now, "BLOCKED", reason, None, holder_id, rule.key, caller, intent, message)
+                    if index:  # an earlier rule already wrote: undo it, keep only the attempt
+                        conn.execute("ROLLBACK")
+                        conn.execute("BEGIN IMMEDIATE")
+                    attempt_id = conn.execute(_INSERT_ATTEMPT, row).fetchone()[0]
+                    return ClaimDecision(
+                        claimed=False, attempt_id=attempt_id, reason=reason, holder=holder,
+                        rule=rule, message=message, rules=rules,
+                    )
+                if index == 0:
+                    fence = token
+            keys = tuple(rule.key for rule in rules)
+            coid = client_order_id(self.namespace, keys[0], fence)
+            record = new_intent_record(intent, intent_id, coid, fence, keys, state, caller, now)
+            conn.execute(_INSERT_INTENT, intent_row(record))
+            message = f"CLAIMED {intent.describe()} from {intent.source} as {coid} (fence {fence})"
+            row = attempt_row(now, "CLAIMED", None, intent_id, None, keys[0], caller, intent, message)
+            attempt_id = conn.execute(_INSERT_ATTEMPT, row).fetchone()[0]
+        return ClaimDecision(claimed=True, attempt_id=attempt_id, intent=record, message=message, rules=rules)
+
+    @staticmethod
+    def _take(conn: sqlite3.Connection, rule: ScopeRule, intent_id: str, now: float) -> int | None:
+        """One conditional write; the scope's new fence when taken, None when refused."""
+        if rule.kind is ScopeKind.ONCE:
+            row = conn.execute(_CLAIM_ONCE, (rule.key, intent_id, now)).fetchone()
+        elif rule.kind is ScopeKind.COOLDOWN:
+            row = conn.execute(_CLAIM_COOLDOWN, (rule.key, intent_id, now, now - rule.seconds)).fetchone()
+        else:
+            if conn.execute(_CLAIM_OPEN, (rule.key, intent_id, rule.key, rule.limit)).rowcount != 1:
+                return None
+            row = conn.execute(_BUMP_FENCE, (rule.key, rule.kind.value)).fetchone()
+        return None if row is None else int(row[0])
+
+    @staticmethod
+    def _holders(conn: sqlite3.Connection, rule: ScopeRule) -> list[IntentRecord]:
+        sql = _OPEN_HOLDERS if rule.kind is ScopeKind.OPEN else _HOLDER
+        return [intent_from_row(r) for r in conn.execute(sql, (rule.key,)).fetchall()]
+
+    # ------------------------------------------------------------------------ transitions
+
+    def _current(self, conn: sqlite3.Connection, intent_id: str) -> IntentRecord:
+        row = conn.execute(f"SELECT {INTENT_COLUMNS} FROM intents WHERE id = ?", (intent_id,)).fetchone()
+        if row is None:
+            raise IntentNotFound(f"no intent {intent_id!r} in ledger {self.path!r}")
+        return intent_from_row(row)
+
+    def transition(
+        self,
+        intent_id: str,
+        fence: int,
+        target: State,
+        facts: TransitionFields | None = None,
+        *,
+        take_over: bool = False,
+    ) -> IntentRecord:
+        facts = facts or TransitionFields()
+        with self._db.write("transition") as conn:
+            current = self._current(conn, intent_id)
+            if current.fence != fence:
+                raise FencedOut(
+                    f"intent {intent_id} ({current.client_order_id}) is now at fence {current.fence} "
+                    f"in state {current.state.value}; this writer's fence {fence} is stale, so its "
+                    f"{target.value} was refused. The reconciler or a newer owner decided instead."
+                )
+            if current.state is target and target in TERMINAL:
+                return current  # repeating a final report is harmless
+            if not can_transition(current.state, target):
+                raise InvalidTransition(
+                    f"intent {intent_id} cannot go from {current.state.value} to {target.value}"
+                )
+            new_fence = fence
+            if take_over:
+                new_fence = int(conn.execute(
+                    "UPDATE scopes SET fence = fence + 1 WHERE key = ? RETURNING fence",
+                    (current.scope_key,),
+                ).fetchone()[0])
+            filled = facts.filled_quantity if facts.filled_quantity is not None else current.filled_quantity
+            released = releases(target, filled == 0)
+            now = self.now()
+            conn.execute(
+                """UPDATE intents SET state = ?, fence = ?, updated_at = ?,
+                       broker_order_id = coalesce(?, broker_order_id),
+                       filled_quantity = ?, average_price = coalesce(?, average_price),
+                       note = coalesce(?, note), released = ?
+                   WHERE id = ? AND fence = ?""",
+                (
+                    target.value, new_fence, now, facts.broker_order_id, canonical_decimal(filled),
+                    None if facts.average_price is None else canonical_decimal(facts.average_price),
+                    facts.note, int(released), intent_id, fence,
+                ),
+            )
+            if released:
+                conn.execute("DELETE FROM holds WHERE intent_id = ?", (intent_id,))
+            return self._current(conn, intent_id)
+
+    def note_lookup_miss(self, intent_id: str, fence: int, at: float) -> IntentRecord:
+        with self._db.write("lookup miss") as conn:
+            current = self._current(conn, intent_id)
+            if current.fence != fence:
+                raise FencedOut(f"intent {intent_id} moved to fence {current.fence}; lookup miss not recorded")
+            conn.execute(
+                "UPDATE intents SET first_miss_at = coalesce(first_miss_at, ?) WHERE id = ?", (at, intent_id)
+            )
+            return self._current(conn, intent_id)
+
+    def mark_closed(self, intent_id: str) -> IntentRecord:
+        with self._db.write("mark closed") as conn:
+            current = self._current(conn, intent_id)
+            if current.state in (State.UNKNOWN, *PENDING):
+                raise InvalidTransition(
+                    f"intent {intent_id} is {current.state.value}: its outcome is not known, so its "
+                    "position cannot be marked closed; reconcile it first"
+                )
+            conn.execute("UPDATE intents SET closed = 1, updated_at = ? WHERE id = ?", (self.now(), intent_id))
+            conn.execute("DELETE FROM holds WHERE intent_id = ?", (intent_id,))
+            return self._current(conn, intent_id)
+
+    # ------------------------------------------------------------------------------ reads
+
+    def get(self, ref: str) -> IntentRecord:
+        rows = self._db.read(
+            f"SELECT {INTENT_COLUMNS} FROM intents WHERE id = ? OR client_order_id = ?", (ref, ref)
+        )
+        if not rows:
+            raise IntentNotFound(f"no intent with id or client order id {ref!r} in ledger {self.path!r}")
+        return intent_from_row(rows[0])
+
+    def intents(
+        self,
+        *,
+        states: Sequence[State] | None = None,
+        strategy: str | None = None,
+        since: float | None = None,
+        limit: int = 1000,
+    ) -> list[IntentRecord]:
+        where, params = [], []  # type: list[str], list[Any]
+        if states:
+            where.append(f"state IN ({', '.join('?' * len(states))})")
+            params.extend(State(s).value for s in states)
+        if strategy is not None:
+            where.append("strategy = ?")
+            params.append(strategy)
+        if since is not None:
+            where.append("created_at >= ?")
+            params.append(since)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = self._db.read(
+            f"SELECT {INTENT_COLUMNS} FROM intents {clause} ORDER BY created_at DESC, id DESC LIMIT ?",
+            (*params, int(limit)),
+        )
+        return [intent_from_row(r) for r in rows]
+
+    def attempts(
+        self,
+        *,
+        intent_id: str | None = None,
+        holder_id: str | None = None,
+        blocked: bool | None = None,
+        reason: BlockReason | None = None,
+        since: float | None = None,
+        limit: int = 1000,
+    ) -> list[AttemptRecord]:
+        where, params = [], []  # type: list[str], list[Any]
+        if intent_id is not None:
+            where.append("intent_id = ?")
+            params.append(intent_id)
+        if holder_id is not None:
+            where.append("holder_id = ?")
+            params.append(holder_id)
+        if blocked is not None:
+            where.append("outcome = ?")
+            params.append("BLOCKED" if blocked else "CLAIMED")
+        if reason is not None:
+            where.append("reason = ?")
+            params.append(BlockReason(reason).value)
+        if since is not None:
+            where.append("at >= ?")
+            params.append(since)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = self._db.read(
+            f"SELECT {ATTEMPT_COLUMNS} FROM attempts {clause} ORDER BY id DESC LIMIT ?",
+            (*params, int(limit)),
+        )
+        return [attempt_from_row(r) for r in rows]
+
+    def filled_positions(self) -> dict[tuple[str, str], Decimal]:
+        totals: dict[tuple[str, str], Decimal] = {}
+        rows = self._db.read("SELECT account, symbol, side, filled_quantity FROM intents WHERE filled_quantity != '0'")
+        for account, symbol, side, filled in rows:
+            signed = Decimal(filled) if side == "BUY" else -Decimal(filled)
+            totals[(account, symbol)] = totals.get((account, symbol), Decimal(0)) + signed
+        return totals
+
+    def close(self) -> None:
+        self._db.close()
