@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from .claim import Claim, Outcome, SubmitResult, current_claim
 from .errors import (
     AmbiguousOutcome,
@@ -40,6 +42,9 @@ from .states import State
 from .store.base import AttemptRecord, BlockReason, IntentRecord
 
 __version__ = "0.1.0"
+
+# A library logs; the application decides where it goes (no "No handlers" fallback to stderr).
+logging.getLogger("orderguard").addHandler(logging.NullHandler())
 
 __all__ = [
     "AmbiguousOutcome", "AttemptRecord", "BlockReason", "Bucket", "CalendarDay", "Claim",

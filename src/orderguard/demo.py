@@ -1,0 +1,148 @@
+"""Duplicate-order scenarios run twice: with the naive guard bots use, and through orderguard.
+
+The naive guard is what the post-mortems describe: check the ledger for a trade today, send,
+record after the fill. Both runs use the same embedded paper venue, so the broker's own order
+log counts the duplicates.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
+from pathlib import Path
+
+from .brokers.base import OrderRequest
+from .brokers.paper import PaperBroker, PaperFaults
+from .errors import AmbiguousOutcome
+from .guard import Guard
+from .intent import OrderIntent, Side
+from .policies import OncePer, Policy, TradingDay
+
+PRICE = Decimal("100")
+
+
+@dataclass
+class RunResult:
+    attempts: int
+    broker_orders: int
+    blocked: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def duplicates(self) -> int:
+        return max(0, self.broker_orders - 1)
+
+    @property
+    def phantom_notional(self) -> Decimal:
+        return self.duplicates * QUANTITY * PRICE
+
+
+@dataclass
+class ScenarioResult:
+    number: int
+    title: str
+    unguarded: RunResult
+    guarded: RunResult
+
+
+QUANTITY = Decimal(4)
+
+
+def _intent(source: str) -> OrderIntent:
+    return OrderIntent(account="main", strategy="spx-calendar", symbol="SPX", side=Side.BUY, quantity=QUANTITY, source=source)
+
+
+class _NaiveBot:
+    """Check the trades table for today, send, record the trade after the broker answers."""
+
+    def __init__(self, folder: Path, broker: PaperBroker) -> None:
+        self.path = folder / "naive.db"
+        self.broker = broker
+        with sqlite3.connect(self.path) as db:
+            db.execute("CREATE TABLE IF NOT EXISTS trades (day TEXT, coid TEXT)")
+
+    def run(self, source: str, day: str = "today") -> None:
+        with sqlite3.connect(self.path, timeout=30) as db:
+            if db.execute("SELECT count(*) FROM trades WHERE day = ?", (day,)).fetchone()[0]:
+                return
+        coid = f"naive-{source}-{threading.get_ident()}-{time.monotonic_ns()}"[:32]
+        intent = _intent(source)
+        request = OrderRequest(coid, intent.account, intent.symbol, intent.side.value, intent.quantity, "MARKET", None, None, "DAY")
+        try:
+            self.broker.submit(request)
+        except AmbiguousOutcome:
+            self.broker.submit(replace(request, client_order_id=coid[:30] + "-r"))  # naive retry: a new id
+        with sqlite3.connect(self.path, timeout=30) as db:
+            db.execute("INSERT INTO trades VALUES (?, ?)", (day, coid))
+
+
+def _race(callers: list[Callable[[], object]]) -> None:
+    barrier = threading.Barrier(len(callers))
+
+    def go(fn: Callable[[], object]) -> None:
+        barrier.wait()
+        fn()
+
+    threads = [threading.Thread(target=go, args=(fn,)) for fn in callers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def _scenario(folder: Path, number: int, title: str, sources: list[str], ack_latency: float, lose_ack: bool) -> ScenarioResult:
+    policy: Policy = OncePer(TradingDay("XNYS"), by=("strategy",))
+    runs: dict[str, RunResult] = {}
+    for mode in ("unguarded", "guarded"):
+        faults = PaperFaults(lose_ack=1 if lose_ack else 0)
+        broker = PaperBroker.open(f"sqlite:///{folder / f'{number}-{mode}-paper.db'}", ack_latency=ack_latency, faults=faults)
+        blocked: Counter[str] = Counter()
+        if mode == "unguarded":
+            (folder / f"{number}").mkdir()
+            bot = _NaiveBot(folder / f"{number}", broker)
+            _race([lambda s=s: bot.run(s) for s in sources])
+        else:
+            guard = Guard.open(f"sqlite:///{folder / f'{number}-ledger.db'}", synchronous="NORMAL")
+            lock = threading.Lock()
+
+            def guarded(source: str, guard: Guard = guard, broker: PaperBroker = broker) -> None:
+                result = guard.submit(_intent(source), broker, policy=policy)
+                if result.blocked:
+                    with lock:
+                        blocked[str(result.reason)] += 1
+                elif result.state is not None and result.state.value == "UNKNOWN":
+                    retry = guard.submit(_intent(source), broker, policy=policy)  # the caller retries
+                    with lock:
+                        blocked[str(retry.reason)] += 1
+
+            _race([lambda s=s: guarded(s) for s in sources])
+            guard.close()
+        runs[mode] = RunResult(attempts=len(sources), broker_orders=len(broker.orders()), blocked=blocked)
+        broker.close()
+    return ScenarioResult(number, title, runs["unguarded"], runs["guarded"])
+
+
+SCENARIOS: list[tuple[str, list[str], float, bool]] = [
+    ("scheduler fires the daily entry twice", ["scheduler", "scheduler"], 0.05, False),
+    ("'Manual trade' in two tabs during the scheduled entry", ["scheduler", "manual", "manual"], 0.05, False),
+    ("8 parallel tasks all see 'no position yet'", ["task"] * 8, 0.05, False),
+    ("ack lost after accept; the caller retries", ["scheduler"], 0.0, True),
+]
+
+
+def run_demo(only: int | None = None, progress: Callable[[str], None] | None = None) -> list[ScenarioResult]:
+    """Run the scenarios (or one) in a temporary folder; returns the counts."""
+    results = []
+    with tempfile.TemporaryDirectory(prefix="orderguard-demo-") as tmp:
+        for number, (title, sources, latency, lose_ack) in enumerate(SCENARIOS, start=1):
+            if only is not None and number != only:
+                continue
+            if progress:
+                progress(title)
+            results.append(_scenario(Path(tmp), number, title, sources, latency, lose_ack))
+    return results
