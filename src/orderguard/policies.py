@@ -9,6 +9,7 @@ gives the reason.
 from __future__ import annotations
 
 import threading
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -64,10 +65,15 @@ class TradingDay(Window):
     def __init__(self, calendar: str) -> None:
         import exchange_calendars  # heavy (pandas): only loaded when a trading day is used
 
-        try:
-            self._calendar: Any = exchange_calendars.get_calendar(calendar)
-        except Exception as exc:  # InvalidCalendarName and friends
-            raise InvalidPolicy(f"unknown exchange calendar {calendar!r}: {exc}") from None
+        with warnings.catch_warnings():
+            # pandas 3 deprecation noise from exchange-calendars' lazy indexes, built here once
+            # (catch_warnings is not thread-safe, so the claim path never uses it).
+            warnings.simplefilter("ignore")
+            try:
+                self._calendar: Any = exchange_calendars.get_calendar(calendar)
+            except Exception as exc:  # InvalidCalendarName and friends
+                raise InvalidPolicy(f"unknown exchange calendar {calendar!r}: {exc}") from None
+            self._calendar.minute_to_session(self._calendar.first_minute, direction="next")
         self.calendar = calendar
         self._cache_lock = threading.Lock()
         self._cached_minute = -1
