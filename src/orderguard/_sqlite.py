@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigurationError, StoreError, StoreLocked, StoreUnavailable
@@ -85,10 +85,8 @@ class SQLiteFile:
             conn.execute("COMMIT")
         except BaseException as exc:
             if conn.in_transaction:
-                try:
+                with suppress(sqlite3.DatabaseError):
                     conn.execute("ROLLBACK")
-                except sqlite3.DatabaseError:
-                    pass
             if isinstance(exc, sqlite3.DatabaseError):
                 raise self.translate(exc, what) from exc
             raise
@@ -117,8 +115,6 @@ class SQLiteFile:
             conns, self._all = self._all, []
         if os.getpid() == self._pid:
             for conn in conns:
-                try:
+                with suppress(sqlite3.Error):
                     conn.close()
-                except sqlite3.Error:
-                    pass
         self._local = threading.local()

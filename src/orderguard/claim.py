@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import time
 from dataclasses import dataclass
-from decimal import Decimal
-from enum import Enum
+from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from .errors import FencedOut, NotClaimed, SendDeadlineExceeded, StoreError
@@ -15,6 +15,8 @@ from .states import PENDING, State
 from .store.base import BlockReason, ClaimDecision, IntentRecord, TransitionFields
 
 if TYPE_CHECKING:
+    from decimal import Decimal
+
     from .brokers.base import BrokerOrder
     from .store.base import Store
 
@@ -22,15 +24,12 @@ log = logging.getLogger("orderguard")
 _current: contextvars.ContextVar[Claim | None] = contextvars.ContextVar("orderguard_claim", default=None)
 
 
-class Outcome(str, Enum):
+class Outcome(StrEnum):
     """What happened to an attempt."""
 
     SENT = "SENT"  # the order went to the venue (see ``state`` for its answer)
     BLOCKED = "BLOCKED"  # a policy refused it; nothing was sent
     NOT_SENT = "NOT_SENT"  # claimed, then abandoned before anything was sent
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)
@@ -84,11 +83,13 @@ class Claim:
     the intent over, a late report is refused (logged, and the ledger's truth kept).
     """
 
-    def __init__(self, store: Store, decision: ClaimDecision, *, send_deadline: float) -> None:
+    def __init__(self, store: Store, decision: ClaimDecision, *, send_deadline: float, started: float) -> None:
         self._store = store
         self.decision = decision
         self._record = decision.intent
-        self._claimed_at = time.monotonic()
+        # Counted from before the claim was written (conservative: the reconciler ages the
+        # intent from its recorded creation, which precedes the commit).
+        self._claimed_at = started
         self._send_deadline = send_deadline
         self.send_started = False  # set once the client order id was handed out
         self.reported = False
@@ -216,10 +217,8 @@ class Claim:
             self._record = self._store.transition(current.id, current.fence, target, facts)
         except FencedOut as exc:
             log.warning("late report refused by the fence: %s", exc, extra={"intent_id": current.id})
-            try:
+            with contextlib.suppress(StoreError):
                 self._record = self._store.get(current.id)
-            except StoreError:
-                pass
             raise
         self.reported = True
         return self._record

@@ -7,15 +7,16 @@ log counts the duplicates.
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .brokers.base import OrderRequest
 from .brokers.paper import PaperBroker, PaperFaults
@@ -23,6 +24,9 @@ from .errors import AmbiguousOutcome
 from .guard import Guard
 from .intent import OrderIntent, Side
 from .policies import OncePer, Policy, TradingDay
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 PRICE = Decimal("100")
 
@@ -81,6 +85,18 @@ class _NaiveBot:
             db.execute("INSERT INTO trades VALUES (?, ?)", (day, coid))
 
 
+_COUNT_LOCK = threading.Lock()
+
+
+def _guarded(guard: Guard, broker: PaperBroker, policy: Policy, source: str, blocked: Counter[str]) -> None:
+    result = guard.submit(_intent(source), broker, policy=policy)
+    if result.state is not None and result.state.value == "UNKNOWN":
+        result = guard.submit(_intent(source), broker, policy=policy)  # the caller retries
+    if result.blocked:
+        with _COUNT_LOCK:
+            blocked[str(result.reason)] += 1
+
+
 def _race(callers: list[Callable[[], object]]) -> None:
     barrier = threading.Barrier(len(callers))
 
@@ -105,22 +121,10 @@ def _scenario(folder: Path, number: int, title: str, sources: list[str], ack_lat
         if mode == "unguarded":
             (folder / f"{number}").mkdir()
             bot = _NaiveBot(folder / f"{number}", broker)
-            _race([lambda s=s: bot.run(s) for s in sources])
+            _race([functools.partial(bot.run, s) for s in sources])
         else:
             guard = Guard.open(f"sqlite:///{folder / f'{number}-ledger.db'}", synchronous="NORMAL")
-            lock = threading.Lock()
-
-            def guarded(source: str, guard: Guard = guard, broker: PaperBroker = broker) -> None:
-                result = guard.submit(_intent(source), broker, policy=policy)
-                if result.blocked:
-                    with lock:
-                        blocked[str(result.reason)] += 1
-                elif result.state is not None and result.state.value == "UNKNOWN":
-                    retry = guard.submit(_intent(source), broker, policy=policy)  # the caller retries
-                    with lock:
-                        blocked[str(retry.reason)] += 1
-
-            _race([lambda s=s: guarded(s) for s in sources])
+            _race([functools.partial(_guarded, guard, broker, policy, s, blocked) for s in sources])
             guard.close()
         runs[mode] = RunResult(attempts=len(sources), broker_orders=len(broker.orders()), blocked=blocked)
         broker.close()

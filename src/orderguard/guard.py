@@ -111,6 +111,7 @@ class Guard:
         if policies is None:
             policies = as_policies(None)  # raises the explanatory InvalidPolicy
         caller = Caller.current(self.runner, task)
+        started = time.monotonic()
         decision = self.store.claim(intent, policies, caller, state=state)
         if decision.claimed:
             log.info(decision.message, extra={"intent_id": decision.intent.id if decision.intent else None})
@@ -123,7 +124,7 @@ class Guard:
                     "strategy": intent.strategy, "symbol": intent.symbol,
                 },
             )
-        return Claim(self.store, decision, send_deadline=self.send_deadline)
+        return Claim(self.store, decision, send_deadline=self.send_deadline, started=started)
 
     @contextmanager
     def claim(self, intent: OrderIntent, *, policy: PolicyArg | None = None) -> Iterator[Claim]:
@@ -201,15 +202,17 @@ class Guard:
             order = broker.submit(request)
         except SendDeadlineExceeded as exc:
             claim.send_started = False
-            return self._settle(claim, lambda: claim.abandon(str(exc)), Outcome.NOT_SENT, None)
+            return self._settle(claim, functools.partial(claim.abandon, str(exc)), Outcome.NOT_SENT, None)
         except OrderRejected as exc:
-            return self._settle(claim, lambda: claim.rejected(str(exc)), Outcome.SENT, None)
+            return self._settle(claim, functools.partial(claim.rejected, str(exc)), Outcome.SENT, None)
         except DuplicateClientOrderId as exc:
             order = self._lookup_after_duplicate(broker, request.client_order_id)
             if order is None:
-                return self._settle(claim, lambda: claim.unknown(f"venue reports a duplicate id but lookup finds none: {exc}"), Outcome.SENT, None)
+                why = f"venue reports a duplicate id but lookup finds none: {exc}"
+                return self._settle(claim, functools.partial(claim.unknown, why), Outcome.SENT, None)
         except BaseException as exc:  # AmbiguousOutcome, or anything unclassified: fail safe
-            self._settle(claim, lambda: claim.unknown(f"{type(exc).__name__}: {exc}"), Outcome.SENT, None)
+            why = f"{type(exc).__name__}: {exc}"
+            self._settle(claim, functools.partial(claim.unknown, why), Outcome.SENT, None)
             if isinstance(exc, OrderGuardError):
                 return self._result(claim, Outcome.SENT, None)
             raise
@@ -292,7 +295,7 @@ class Guard:
         """
 
         def make_intent(args: tuple[Any, ...], kwargs: dict[str, Any]) -> OrderIntent:
-            return intent(*args, **kwargs) if callable(intent) and not isinstance(intent, OrderIntent) else intent  # type: ignore[return-value]
+            return intent if isinstance(intent, OrderIntent) else intent(*args, **kwargs)
 
         def decorate(fn: F) -> F:
             if inspect.iscoroutinefunction(fn):
@@ -333,6 +336,12 @@ class Guard:
         """Resolve SENDING/UNKNOWN intents by looking them up at ``broker``; see :mod:`reconcile`."""
         from .reconcile import reconcile
 
+        if stale_after is not None and stale_after <= self.send_deadline:
+            log.warning(
+                "reconciling with stale_after=%gs, not above the send deadline (%gs): a live but "
+                "slow owner could still send an intent declared lost. Use this only when the "
+                "owners are known to be dead.", stale_after, self.send_deadline,
+            )
         return reconcile(
             self.store, broker, grace=broker.lookup_grace if grace is None else grace,
             stale_after=self.stale_after if stale_after is None else stale_after, wait=wait,

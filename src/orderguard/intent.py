@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from decimal import Decimal, InvalidOperation
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -21,34 +21,25 @@ MAX_PRICE = Decimal("1e12")
 MAX_DECIMAL_PLACES = 12
 
 
-class Side(str, Enum):
+class Side(StrEnum):
     BUY = "BUY"
     SELL = "SELL"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class OrderType(str, Enum):
+class OrderType(StrEnum):
     MARKET = "MARKET"
     LIMIT = "LIMIT"
     STOP = "STOP"
     STOP_LIMIT = "STOP_LIMIT"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class TimeInForce(str, Enum):
+class TimeInForce(StrEnum):
     DAY = "DAY"
     GTC = "GTC"
     IOC = "IOC"
     FOK = "FOK"
     OPG = "OPG"
     CLS = "CLS"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 def _enum_upper(value: Any) -> Any:
@@ -58,7 +49,7 @@ def _enum_upper(value: Any) -> Any:
 def _strict_decimal(value: Any, what: str) -> Any:
     if value is None or isinstance(value, Decimal):
         return value
-    if isinstance(value, bool) or isinstance(value, float):
+    if isinstance(value, (bool, float)):
         # Binary floats cannot hold 0.1; money must arrive exact.
         raise ValueError(f"{what} must be a Decimal, int or str, not {type(value).__name__}")
     if isinstance(value, int):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from .store.base import BlockReason
@@ -31,7 +31,7 @@ _NEXT_STEP = {
 
 def clock_text(epoch: float) -> str:
     """``2026-11-20 14:45:00.002Z``: millisecond UTC, as operators compare log lines."""
-    return datetime.fromtimestamp(epoch, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+    return datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
 
 
 def block_message(

@@ -11,10 +11,10 @@ from __future__ import annotations
 import threading
 import warnings
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from datetime import datetime, timezone
-from enum import Enum
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 from urllib.parse import quote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -25,7 +25,7 @@ from .intent import INTENT_FIELDS, OrderIntent
 DEFAULT_BY: tuple[str, ...] = ("account", "strategy", "symbol", "side")
 
 
-class ScopeKind(str, Enum):
+class ScopeKind(StrEnum):
     """How the store arbitrates a scope."""
 
     ONCE = "once"  # one executed intent per key (the key carries the window)
@@ -286,4 +286,4 @@ def as_policies(policy: PolicyArg | None) -> tuple[Policy, ...]:
 
 
 def utc_from_epoch(seconds: float) -> datetime:
-    return datetime.fromtimestamp(seconds, tz=timezone.utc)
+    return datetime.fromtimestamp(seconds, tz=UTC)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class State(str, Enum):
+class State(StrEnum):
     """Where an intent is in its life. Stored as its name."""
 
     CLAIMED = "CLAIMED"
@@ -19,9 +19,6 @@ class State(str, Enum):
     UNKNOWN = "UNKNOWN"
     NOT_FOUND = "NOT_FOUND"
     ABANDONED = "ABANDONED"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 _S = State

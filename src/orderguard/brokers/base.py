@@ -15,18 +15,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from decimal import Decimal
-from enum import Enum
+from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from ..errors import SendDeadlineExceeded
 from ..states import State
 
 if TYPE_CHECKING:
+    from decimal import Decimal
+
     from ..store.base import IntentRecord
 
 
-class VenueDedupe(str, Enum):
+class VenueDedupe(StrEnum):
     """How a venue treats a second order with a client order id it has seen (DESIGN.md)."""
 
     PERMANENT = "permanent"  # Alpaca, Coinbase Advanced: refused or returned, forever
@@ -34,7 +35,7 @@ class VenueDedupe(str, Enum):
     NONE = "none"  # IBKR orderRef, Kraken userref: no dedupe at all
 
 
-class OrderStatus(str, Enum):
+class OrderStatus(StrEnum):
     """An order's status at the venue, normalised."""
 
     ACCEPTED = "ACCEPTED"

@@ -314,7 +314,7 @@ def _marketable(side: str, otype: str, price: Decimal, limit: Decimal | None, st
     if stop is not None and (price < stop if buy else price > stop):
         return None  # stop not triggered
     if limit is not None:
-        if buy and price > limit or not buy and price < limit:
+        if (buy and price > limit) or (not buy and price < limit):
             return None
         return min(price, limit) if buy else max(price, limit)
     return price

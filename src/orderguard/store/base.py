@@ -17,7 +17,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from decimal import Decimal
-from enum import Enum
+from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from ..policies import ScopeKind, ScopeRule
@@ -33,7 +33,7 @@ SCHEMA_VERSION = 1
 CLIENT_ORDER_ID_MAX = 32
 
 
-class BlockReason(str, Enum):
+class BlockReason(StrEnum):
     """Why an attempt was blocked (DESIGN invariant 8)."""
 
     DUPLICATE = "DUPLICATE"
@@ -46,9 +46,6 @@ class BlockReason(str, Enum):
     NOTIONAL_LIMIT = "NOTIONAL_LIMIT"
     HALTED = "HALTED"
     CONFLICT = "CONFLICT"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,11 @@ claim is one durable commit (``synchronous=FULL`` by default).
 from __future__ import annotations
 
 import os
-import sqlite3
 import time
 import uuid
+from datetime import UTC, datetime
 from decimal import Decimal
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .._sqlite import SQLiteFile
 from ..errors import (
@@ -48,6 +47,7 @@ from .rows import attempt_from_row, attempt_row, intent_from_row, intent_row, ne
 from .schema_sqlite import ATTEMPT_COLUMNS, INTENT_COLUMNS, SCHEMA_V1
 
 if TYPE_CHECKING:
+    import sqlite3
     from collections.abc import Callable, Sequence
 
     from ..intent import OrderIntent
@@ -214,7 +214,7 @@ class SQLiteStore(Store):
         intent_id = new_intent_id()
         with self._db.write("claim") as conn:
             now = self.now()
-            moment = datetime.fromtimestamp(now, tz=timezone.utc)
+            moment = datetime.fromtimestamp(now, tz=UTC)
             rules = tuple(p.rule(intent, moment) for p in policies)
             fence = 0
             for index, rule in enumerate(rules):
@@ -358,7 +358,8 @@ class SQLiteStore(Store):
         since: float | None = None,
         limit: int = 1000,
     ) -> list[IntentRecord]:
-        where, params = [], []  # type: list[str], list[Any]
+        where: list[str] = []
+        params: list[object] = []
         if states:
             where.append(f"state IN ({', '.join('?' * len(states))})")
             params.extend(State(s).value for s in states)
@@ -385,7 +386,8 @@ class SQLiteStore(Store):
         since: float | None = None,
         limit: int = 1000,
     ) -> list[AttemptRecord]:
-        where, params = [], []  # type: list[str], list[Any]
+        where: list[str] = []
+        params: list[object] = []
         if intent_id is not None:
             where.append("intent_id = ?")
             params.append(intent_id)
