@@ -49,7 +49,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from orderguard import Ever, Guard, OncePer, OrderIntent, State, TradingDay
@@ -62,7 +62,7 @@ RAW_INSERT = "INSERT INTO claims(key, holder, at) VALUES (?, ?, ?) ON CONFLICT(k
 TARGETS = {"FULL": 1.5, "NORMAL": 3.0}  # guarded/raw, from the issue (FULL long-term: 1.2)
 LONG_TERM = {"FULL": 1.2}
 POLICIES = {"ever": 'OncePer(Ever())', "xnys": 'OncePer(TradingDay("XNYS"))'}
-PATHS = ("raw", "store.claim/ever", "store.claim/xnys", "guard._claim/ever", "guard._claim/xnys")
+PATHS = ("raw", "sql-replay", "store.claim/ever", "store.claim/xnys", "guard._claim/ever", "guard._claim/xnys")
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -151,6 +151,53 @@ def raw_runner(conn: sqlite3.Connection, params: list[tuple[str, str, float]]) -
     return run
 
 
+def replay_items(guard: Guard, prefix: str, count: int) -> list[tuple[Any, Any, Any]] | None:
+    """Parameters of exactly the statements store.claim runs (OncePer(Ever())), built in advance.
+
+    Diagnostic: replaying them on a ledger-schema file splits the claim's cost into SQL (schema,
+    statements, commit) and Python. Needs the store's private SQL; None when it moved.
+    """
+    try:
+        from orderguard.store import sqlite as ledger_sql
+        from orderguard.store.base import client_order_id, new_intent_id
+        from orderguard.store.rows import attempt_row, intent_row, new_intent_record
+
+        statements = (ledger_sql._CLAIM_ONCE, ledger_sql._INSERT_INTENT, ledger_sql._INSERT_ATTEMPT)
+    except (ImportError, AttributeError):
+        return None
+    policy, caller, now = OncePer(Ever()), Caller.current("bench"), time.time()
+    items = []
+    for intent in make_intents(prefix, count):
+        intent_id = new_intent_id()
+        rule = policy.rule(intent, datetime.fromtimestamp(now, tz=UTC))
+        coid = client_order_id(guard.store.namespace, rule.key, 1)
+        record = new_intent_record(intent, intent_id, coid, 1, (rule.key,), State.SENDING, caller, now)
+        message = f"CLAIMED {intent.describe()} from {intent.source} as {coid} (fence 1)"
+        items.append((
+            (rule.key, intent_id, now), intent_row(record),
+            attempt_row(now, "CLAIMED", None, intent_id, None, rule.key, caller, intent, message),
+        ))
+    return [statements, *items]
+
+
+def replay_runner(conn: sqlite3.Connection, items: list[Any]) -> Any:
+    (upsert, insert_intent, insert_attempt), params = items[0], items[1:]
+
+    def run(start: int, stop: int, out: list[int]) -> None:
+        ex = conn.execute
+        clock = time.perf_counter_ns
+        for scope, intent, attempt in params[start:stop]:
+            t0 = clock()
+            ex("BEGIN IMMEDIATE")
+            ex(upsert, scope).fetchone()
+            ex(insert_intent, intent)
+            ex(insert_attempt, attempt).fetchone()
+            ex("COMMIT")
+            out.append(clock() - t0)
+
+    return run
+
+
 def store_runner(guard: Guard, intents: list[OrderIntent], policy: OncePer) -> Any:
     policies = (policy,)
     caller = Caller.current("bench")
@@ -190,6 +237,7 @@ def bench_latency(args: argparse.Namespace, workdir: str) -> tuple[list[Combo], 
     combos: list[Combo] = []
     closers: list[Any] = []
     checks: dict[str, str] = {}
+    frame_conns: dict[str, dict[str, Any]] = {}
     for mode in args.modes:
         raw_path = os.path.join(workdir, f"latency-raw-{mode.lower()}.db")
         ledger_path = os.path.join(workdir, f"latency-ledger-{mode.lower()}.db")
@@ -204,6 +252,16 @@ def bench_latency(args: argparse.Namespace, workdir: str) -> tuple[list[Combo], 
         )
         policies = {name: make_policy(name) for name in POLICIES}
         combos.append(Combo(mode, "raw", raw_runner(conn, raw_params("K", total))))
+        if not args.no_replay:
+            replay_path = os.path.join(workdir, f"latency-replay-{mode.lower()}.db")
+            Guard.open(f"sqlite:///{replay_path}", synchronous=mode, busy_timeout=args.busy_timeout).close()  # the schema
+            items = replay_items(guard, "R", total)
+            if items is not None:
+                replay_conn = raw_connect(replay_path, mode, args.busy_timeout)
+                closers.append(replay_conn.close)
+                combos.append(Combo(mode, "sql-replay", replay_runner(replay_conn, items)))
+                frame_conns[mode] = {"raw": (conn, raw_runner(conn, raw_params("F", 50))),
+                                     "ledger": (replay_conn, replay_runner(replay_conn, replay_items(guard, "F", 50)))}
         for level, factory in (("store.claim", store_runner), ("guard._claim", guard_runner)):
             for name, policy in policies.items():
                 prefix = ("S" if level == "store.claim" else "G") + name[0].upper()
@@ -224,6 +282,8 @@ def bench_latency(args: argparse.Namespace, workdir: str) -> tuple[list[Combo], 
             rng.shuffle(order)
             for combo in order:
                 combo.run(start, stop, combo.samples)
+        for mode, pair in frame_conns.items():
+            checks[mode] += " | " + wal_frames(pair)
     finally:
         if args.no_gc and gc_was_enabled:
             gc.enable()
@@ -232,34 +292,62 @@ def bench_latency(args: argparse.Namespace, workdir: str) -> tuple[list[Combo], 
     return combos, checks
 
 
+def wal_frames(pair: dict[str, Any]) -> str:
+    """WAL frames (pages) written per commit by the raw insert and by the ledger's claim SQL."""
+    out = []
+    for name, (conn, run) in pair.items():
+        interval = pragma(conn, "wal_autocheckpoint")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
+        run(0, 50, [])
+        frames = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1] / 50
+        conn.execute(f"PRAGMA wal_autocheckpoint = {interval}")
+        out.append(f"{name} {frames:.1f} (auto-checkpoint every ~{interval / frames:.0f} commits)")
+    return "WAL frames/commit: " + ", ".join(out)
+
+
 def report_latency(args: argparse.Namespace, combos: list[Combo]) -> None:
     print()
     print(f"LATENCY  single process, {args.iterations} claims per row (after {args.warmup} warm-up), "
-          f"batches of {args.batch} in shuffled order; µs per claim, ratio = guarded / raw of the same mode")
+          f"batches of {args.batch} in shuffled order; µs per claim, ratio = path / raw of the same mode")
     header = f"{'sync':<7} {'path':<19} {'n':>6} {'p50 µs':>9} {'p99 µs':>9} {'mean µs':>9} {'Δp50 µs':>9} {'p50 ×raw':>9} {'p99 ×raw':>9}  target"
     print(header)
     print("-" * len(header))
+    notes = []
     for mode in args.modes:
-        rows = [c for c in combos if c.mode == mode]
         stats = {}
-        for c in rows:
-            s = sorted(c.samples)
-            stats[c.path] = (len(s), percentile(s, 50) / 1e3, percentile(s, 99) / 1e3, sum(s) / len(s) / 1e3)
+        for c in combos:
+            if c.mode == mode:
+                s = sorted(c.samples)
+                stats[c.path] = (len(s), percentile(s, 50) / 1e3, percentile(s, 99) / 1e3, sum(s) / len(s) / 1e3)
         raw_p50, raw_p99 = stats["raw"][1], stats["raw"][2]
         target = TARGETS.get(mode)
         for path in PATHS:
-            n, p50, p99, mean = stats[path]
-            if path == "raw":
-                print(f"{mode:<7} {path:<19} {n:>6} {p50:>9.1f} {p99:>9.1f} {mean:>9.1f} {'':>9} {'1.00':>9} {'1.00':>9}")
+            if path not in stats:
                 continue
+            n, p50, p99, mean = stats[path]
             r50, r99 = p50 / raw_p50, p99 / raw_p99
             verdict = ""
-            if target is not None:
+            if path == "sql-replay":
+                verdict = "(diagnostic: the claim's SQL alone, parameters built in advance)"
+            elif target is not None and path != "raw":
                 verdict = f"≤{target:g}: p50 {'ok' if r50 <= target else 'MISS'}, p99 {'ok' if r99 <= target else 'MISS'}"
                 if mode in LONG_TERM:
                     verdict += f" (long-term ≤{LONG_TERM[mode]:g}: p50 {'ok' if r50 <= LONG_TERM[mode] else 'miss'})"
-            print(f"{mode:<7} {path:<19} {n:>6} {p50:>9.1f} {p99:>9.1f} {mean:>9.1f} {p50 - raw_p50:>9.1f} {r50:>9.2f} {r99:>9.2f}  {verdict}")
+            delta = "" if path == "raw" else f"{p50 - raw_p50:.1f}"
+            print(f"{mode:<7} {path:<19} {n:>6} {p50:>9.1f} {p99:>9.1f} {mean:>9.1f} {delta:>9} {r50:>9.2f} {r99:>9.2f}  {verdict}".rstrip())
+        if "sql-replay" in stats:
+            sql, claim = stats["sql-replay"][1], stats["store.claim/ever"][1]
+            notes.append(
+                f"{mode}: of store.claim/ever's Δp50 {claim - raw_p50:.0f} µs, ~{sql - raw_p50:.0f} µs is SQL/commit "
+                f"(schema, statements; sql-replay − raw) and ~{claim - sql:.0f} µs Python (store.claim − sql-replay)"
+            )
     print("policies: ever = " + POLICIES["ever"] + ", xnys = " + POLICIES["xnys"])
+    for note in notes:
+        print("split   " + note)
+    print("note    a file's WAL auto-checkpoint (fsync included, even with NORMAL) runs inside the commit that crosses "
+          "wal_autocheckpoint pages: when that is more often than every 100 commits (see 'WAL frames/commit' above), "
+          "it lands in p99")
 
 
 # ---------------------------------------------------------------------------- throughput
@@ -300,7 +388,7 @@ def tp_worker(
             guard = Guard.open(f"sqlite:///{path}", synchronous=mode, busy_timeout=busy_timeout, runner=f"bench-{worker}", create=False)
             policy = make_policy(policy_name)
             intents = make_intents(prefix, count)
-            policy.rule(intents[0], datetime.now(tz=timezone.utc))  # warm the exchange calendar
+            policy.rule(intents[0], datetime.now(tz=UTC))  # warm the exchange calendar
             claimed = 0
             barrier.wait()
             start = time.perf_counter()
@@ -398,7 +486,7 @@ def report_throughput(args: argparse.Namespace, runs: list[TpRun]) -> None:
             print(f"{mode:<7} {kind:<8} {claims:>7} {wall:>8.2f} {rates[kind]:>10,.0f} {p50:>9.1f} {p99:>10.1f} {sum(r.errors for r in rs):>7}  {each}")
             if claims != total * len(rs):
                 print(f"        WARNING: expected {total * len(rs)} claims, got {claims}")
-        print(f"{mode:<7} ratio guarded/raw throughput = {rates['guarded'] / rates['raw']:.2f}  "
+        print(f"{mode:<7} {'ratio':<8} guarded/raw throughput = {rates['guarded'] / rates['raw']:.2f}  "
               f"(raw is {rates['raw'] / rates['guarded']:.2f}x faster)")
     print("p50/p99 µs: per-claim latency under contention (median over rounds of p50; worst p99 over rounds)")
 
@@ -411,7 +499,7 @@ def profile_guarded(args: argparse.Namespace, workdir: str) -> None:
     import cProfile
     import pstats
 
-    mode = args.modes[0]
+    mode = args.profile_mode
     path = os.path.join(workdir, f"profile-{mode.lower()}.db")
     with Guard.open(f"sqlite:///{path}", synchronous=mode, busy_timeout=args.busy_timeout, runner="bench") as guard:
         policy = make_policy(args.tp_policy)
@@ -454,11 +542,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-latency", action="store_true", help="skip the latency benchmark")
     p.add_argument("--skip-throughput", action="store_true", help="skip the throughput benchmark")
     p.add_argument("--busy-timeout", type=float, default=5.0, help="busy_timeout (seconds) of both the ledger and the raw file")
+    p.add_argument("--no-replay", action="store_true", help="skip the sql-replay diagnostic row")
     p.add_argument("--no-gc", action="store_true", help="disable the cyclic garbage collector while timing latency")
     p.add_argument("--seed", type=int, default=12345, help="seed of the batch shuffling")
     p.add_argument("--dir", default=None, help="directory for the database files (default: a fresh temporary directory)")
     p.add_argument("--keep", action="store_true", help="keep the database files")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="also cProfile N guard._claim calls and print the hot spots")
+    p.add_argument("--profile-mode", type=lambda t: modes(t)[0], default="NORMAL", help="synchronous mode of the profile")
     p.add_argument("--profile-top", type=int, default=25, help="rows of the profile to print")
     args = p.parse_args(argv)
     if min(args.iterations, args.batch, args.procs, args.per_proc, args.tp_rounds) < 1 or args.warmup < 0:

@@ -27,19 +27,19 @@ lookup lag; a backward step stands for a clock correction (no real time passes).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import re
 import shutil
 import tempfile
 import time
 from datetime import date, datetime
-from decimal import Decimal
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import exchange_calendars
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, multiple, precondition, rule
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from orderguard import (
     Cooldown,
@@ -73,7 +73,7 @@ STARTS = [  # (label, instant): each run starts at one of these and moves on fro
 ]
 
 STRATEGIES = ("alpha", "beta")
-SYMBOLS = ("SPX", "QQQ", "HALTED")  # the paper venue refuses HALTED (a definite rejection)
+SYMBOLS = ("SPX", "SPX", "QQQ", "QQQ", "HALTED")  # the paper venue refuses HALTED (a definite rejection)
 REJECTED_SYMBOL = "HALTED"
 BY = ("strategy", "symbol")
 
@@ -294,6 +294,7 @@ class GuardedVenue(RuleBasedStateMachine):
             return not result.blocked, result.intent, result
 
         result = self.attempt(intent, call)
+        event(f"submit: {result.reason.value if result.blocked else result.state.value}")
         self.check_after_submit(intent, result, fault)
         return intent
 
@@ -323,6 +324,7 @@ class GuardedVenue(RuleBasedStateMachine):
     def claim_block(self, intent: OrderIntent, mode: str) -> None:
         """Existing order code inside ``with guard.claim(...)``, which may blow up at any step."""
         seen: dict[str, object] = {}
+        event(f"claim block: {mode}")
 
         def call():  # type: ignore[no-untyped-def]
             try:
@@ -400,12 +402,11 @@ class GuardedVenue(RuleBasedStateMachine):
         try:
             order = self.b.submit(request)
         except SendDeadlineExceeded:
+            event("zombie: refused by its send deadline")
             assert age > SEND_DEADLINE - 0.5
             if rec.state is State.CLAIMED:  # it knows nothing was sent
-                try:
+                with contextlib.suppress(FencedOut, InvalidTransition):
                     self.g.store.transition(rec.id, rec.fence, State.ABANDONED, TransitionFields(note="zombie: too late"))
-                except (FencedOut, InvalidTransition):
-                    pass
             return
         except OrderRejected as exc:
             target, facts = State.REJECTED, TransitionFields(note=str(exc))
@@ -415,10 +416,10 @@ class GuardedVenue(RuleBasedStateMachine):
         finally:
             self.last_send = time.monotonic()
         assert age < SEND_DEADLINE + 0.5
+        event("zombie: sent within its deadline")
         # Still within its deadline, so nobody can have taken the intent over yet.
         self.g.store.transition(rec.id, rec.fence, target, facts)
 
-    @precondition(lambda self: self.guard is not None)
     @rule(data=st.data())
     def mark_closed(self, data: st.DataObject) -> None:
         filled = [r for r in self.ledger() if r.state is State.FILLED and not r.closed]
@@ -432,6 +433,8 @@ class GuardedVenue(RuleBasedStateMachine):
     @rule(wait=st.booleans(), stale_after=st.sampled_from((STALE_AFTER, 60.0)))
     def reconcile(self, wait: bool, stale_after: float) -> None:
         report = self.g.reconcile(self.b, grace=GRACE, stale_after=stale_after, wait=wait)
+        for d in report.decisions:
+            event(f"reconcile: {d.before.value} -> {d.after.value if d.after else '-'}")
         assert not report.drift or any(r.state in OPEN_STATES for r in self.ledger()), report.lines()
 
     @rule(extra=st.sampled_from((0.0, 60.0, 3600.0)))
@@ -441,6 +444,8 @@ class GuardedVenue(RuleBasedStateMachine):
         newest = max((r.created_at for r in self.ledger()), default=0.0)
         self.jump(max(0.0, newest + STALE_AFTER + 1 - self.clock()) + extra)
         report = self.g.reconcile(self.b, grace=GRACE, stale_after=STALE_AFTER, wait=True)
+        for d in report.decisions:
+            event(f"settle: {d.before.value} -> {d.after.value if d.after else '-'}")
         assert not report.unresolved, report.lines()
         assert not report.drift, report.lines()
         still_open = [r for r in self.ledger() if r.state in OPEN_STATES]
@@ -533,11 +538,9 @@ class GuardedVenue(RuleBasedStateMachine):
 
 
 GuardedVenue.TestCase.settings = settings(
-    max_examples=50,
+    max_examples=60,
     stateful_step_count=30,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestGuardedVenue = GuardedVenue.TestCase
-
-_ = (Decimal,)  # quantities compare as Decimal on both sides

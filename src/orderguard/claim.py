@@ -87,6 +87,9 @@ class Claim:
         self._store = store
         self.decision = decision
         self._record = decision.intent
+        # The owner's fencing token: never refreshed from the ledger, so once the reconciler has
+        # taken the intent over every later report of this owner stays refused.
+        self._fence = decision.intent.fence if decision.intent else 0
         # Counted from before the claim was written (conservative: the reconciler ages the
         # intent from its recorded creation, which precedes the commit).
         self._claimed_at = started
@@ -214,11 +217,11 @@ class Claim:
     def _move(self, target: State, facts: TransitionFields) -> IntentRecord:
         current = self.intent
         try:
-            self._record = self._store.transition(current.id, current.fence, target, facts)
+            self._record = self._store.transition(current.id, self._fence, target, facts)
         except FencedOut as exc:
             log.warning("late report refused by the fence: %s", exc, extra={"intent_id": current.id})
             with contextlib.suppress(StoreError):
-                self._record = self._store.get(current.id)
+                self._record = self._store.get(current.id)  # show the ledger's truth, keep our fence
             raise
         self.reported = True
         return self._record

@@ -163,7 +163,7 @@ class _Reconciler:
                    "never placed; scope freed")
 
     def drift(self) -> None:
-        ledger = self.store.filled_positions()
+        ledger = self.store.filled_positions()  # every (account, symbol) the ledger traded, 0 if unfilled
         venue = {(p.account, p.symbol): p.quantity for p in self.broker.positions()}
         accounts = {account for account, _ in ledger}
         for key in sorted(set(ledger) | {k for k in venue if k[0] in accounts}):

@@ -50,9 +50,16 @@ def request(
     send_by: float | None = None,
 ) -> OrderRequest:
     return OrderRequest(
-        client_order_id=coid, account=account, symbol=symbol, side=side, quantity=Decimal(quantity),
-        order_type=order_type, limit_price=None if limit_price is None else Decimal(limit_price),
-        stop_price=None if stop_price is None else Decimal(stop_price), time_in_force="DAY", send_by=send_by,
+        client_order_id=coid,
+        account=account,
+        symbol=symbol,
+        side=side,
+        quantity=Decimal(quantity),
+        order_type=order_type,
+        limit_price=None if limit_price is None else Decimal(limit_price),
+        stop_price=None if stop_price is None else Decimal(stop_price),
+        time_in_force="DAY",
+        send_by=send_by,
     )
 
 
@@ -513,7 +520,11 @@ def test_a_child_process_submits_on_the_same_venue_file(broker: PaperBroker, pap
     config = {"paper": paper_url, "dedupe": "permanent", "coids": ["child-1", "parent-1"], "quantity": "3"}
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, json.dumps(config)],
-        cwd=ROOT, capture_output=True, text=True, timeout=CHILD_TIMEOUT, check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])

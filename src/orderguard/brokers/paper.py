@@ -44,6 +44,8 @@ CREATE TABLE IF NOT EXISTS orders (
     fills_done      INTEGER NOT NULL DEFAULT 0,
     created_at      REAL NOT NULL,
     visible_at      REAL NOT NULL,
+    fill_delay      REAL NOT NULL,
+    parts           INTEGER NOT NULL,
     pid             INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS orders_coid ON orders(client_order_id);
@@ -156,13 +158,14 @@ class PaperBroker:
             self._check_duplicate(conn, order.client_order_id)
             order_id = conn.execute(
                 """INSERT INTO orders(client_order_id, account, symbol, side, quantity, order_type,
-                       limit_price, stop_price, time_in_force, status, created_at, visible_at, pid)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'ACCEPTED', ?, ?, ?) RETURNING id""",
+                       limit_price, stop_price, time_in_force, status, created_at, visible_at,
+                       fill_delay, parts, pid)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'ACCEPTED', ?, ?, ?, ?, ?) RETURNING id""",
                 (
                     order.client_order_id, order.account, order.symbol, order.side,
                     canonical_decimal(order.quantity), order.order_type,
                     _text(order.limit_price), _text(order.stop_price), order.time_in_force,
-                    now, now + self.faults.lookup_lag, os.getpid(),
+                    now, now + self.faults.lookup_lag, self.fill_delay, self.partial_fills, os.getpid(),
                 ),
             ).fetchone()[0]
             self._advance(conn, now)
@@ -256,16 +259,16 @@ class PaperBroker:
         """Apply every fill that is due by ``now`` (fills happen lazily, on any call)."""
         rows = conn.execute(
             "SELECT id, account, symbol, side, quantity, order_type, limit_price, stop_price, "
-            "filled_quantity, notional, fills_done, created_at FROM orders WHERE status IN (?, ?)",
+            "filled_quantity, notional, fills_done, created_at, fill_delay, parts FROM orders WHERE status IN (?, ?)",
             _OPEN,
         ).fetchall()
-        for (order_id, account, symbol, side, qty, otype, limit, stop, filled, notional, done, created) in rows:
-            parts = self.partial_fills
-            due = parts if self.fill_delay == 0 else min(parts, int((now - created) * parts / self.fill_delay))
+        # Each order fills on the schedule of the venue instance that accepted it.
+        for (order_id, account, symbol, side, qty, _type, limit, stop, filled, notional, done, created, delay, parts) in rows:
+            due = parts if delay == 0 else min(parts, int((now - created) * parts / delay))
             if due <= done:
                 continue
             price = self._price(conn, symbol)
-            fill_price = _marketable(side, otype, price, _dec(limit), _dec(stop))
+            fill_price = _marketable(side, price, _dec(limit), _dec(stop))
             if fill_price is None:
                 continue
             quantity = Decimal(qty)
@@ -304,11 +307,16 @@ class PaperBroker:
 
     @staticmethod
     def _order(conn: sqlite3.Connection, where: str, params: tuple[Any, ...]) -> BrokerOrder | None:
-        row = conn.execute(f"SELECT {_ORDER_COLUMNS} FROM orders WHERE {where} ORDER BY id LIMIT 1", params).fetchone()
+        # With a reused client order id the open order is the one that matters, then the newest.
+        row = conn.execute(
+            f"SELECT {_ORDER_COLUMNS} FROM orders WHERE {where} "
+            "ORDER BY status IN ('ACCEPTED', 'PARTIALLY_FILLED') DESC, id DESC LIMIT 1",
+            params,
+        ).fetchone()
         return None if row is None else _broker_order(row)
 
 
-def _marketable(side: str, otype: str, price: Decimal, limit: Decimal | None, stop: Decimal | None) -> Decimal | None:
+def _marketable(side: str, price: Decimal, limit: Decimal | None, stop: Decimal | None) -> Decimal | None:
     """The fill price if the order can trade at ``price`` now, else None."""
     buy = side == "BUY"
     if stop is not None and (price < stop if buy else price > stop):

@@ -316,7 +316,8 @@ class Store(ABC):
 
     @abstractmethod
     def filled_positions(self) -> dict[tuple[str, str], Decimal]:
-        """Net filled quantity per (account, symbol) according to the ledger (buys minus sells)."""
+        """Net filled quantity (buys minus sells) for every (account, symbol) the ledger holds an
+        intent for, zero where nothing filled (so drift checks see every account it traded)."""
 
     @abstractmethod
     def close(self) -> None:

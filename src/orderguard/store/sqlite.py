@@ -412,7 +412,7 @@ class SQLiteStore(Store):
 
     def filled_positions(self) -> dict[tuple[str, str], Decimal]:
         totals: dict[tuple[str, str], Decimal] = {}
-        rows = self._db.read("SELECT account, symbol, side, filled_quantity FROM intents WHERE filled_quantity != '0'")
+        rows = self._db.read("SELECT account, symbol, side, filled_quantity FROM intents")
         for account, symbol, side, filled in rows:
             signed = Decimal(filled) if side == "BUY" else -Decimal(filled)
             totals[(account, symbol)] = totals.get((account, symbol), Decimal(0)) + signed
