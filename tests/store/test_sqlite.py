@@ -64,7 +64,7 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     SQLiteStore(str(path)).close()
     with sqlite3.connect(path) as db:
         db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
-    with pytest.raises(SchemaMismatch, match="schema version 99.*Upgrade orderguard"):
+    with pytest.raises(SchemaMismatch, match=r"schema version 99.*Upgrade orderguard"):
         SQLiteStore(str(path))
 
 
@@ -104,7 +104,7 @@ def test_filesystem_type_uses_the_longest_mount_prefix(path: str, fstype: str) -
 
 
 def test_network_file_systems_are_refused_with_a_clear_error() -> None:
-    with pytest.raises(UnsupportedFilesystem, match="network file system \\(nfs4\\).*PostgreSQL"):
+    with pytest.raises(UnsupportedFilesystem, match=r"network file system \(nfs4\).*PostgreSQL"):
         refuse_network_filesystem("/mnt/shared/bots/l.db", MOUNTS)
     refuse_network_filesystem("/home/x/l.db", MOUNTS)  # local disk: fine
 
