@@ -160,9 +160,9 @@ def replay_items(guard: Guard, prefix: str, count: int) -> list[tuple[Any, Any, 
     try:
         from orderguard.store import sqlite as ledger_sql
         from orderguard.store.base import client_order_id, new_intent_id
-        from orderguard.store.rows import attempt_row, intent_row, new_intent_record
+        from orderguard.store.rows import attempt_row, intent_row
 
-        statements = (ledger_sql._CLAIM_ONCE, ledger_sql._INSERT_INTENT, ledger_sql._INSERT_ATTEMPT)
+        statements = (ledger_sql._CLAIM_ONCE, ledger_sql._INSERT_ATTEMPT, ledger_sql._INSERT_INTENT)
     except (ImportError, AttributeError):
         return None
     policy, caller, now = OncePer(Ever()), Caller.current("bench"), time.time()
@@ -171,27 +171,29 @@ def replay_items(guard: Guard, prefix: str, count: int) -> list[tuple[Any, Any, 
         intent_id = new_intent_id()
         rule = policy.rule(intent, datetime.fromtimestamp(now, tz=UTC))
         coid = client_order_id(guard.store.namespace, rule.key, 1)
-        record = new_intent_record(intent, intent_id, coid, 1, (rule.key,), State.SENDING, caller, now)
+        row = intent_row(intent, intent_id, (rule.key,), State.SENDING, caller, now)
+        row[1], row[2] = coid, 1
         message = f"CLAIMED {intent.describe()} from {intent.source} as {coid} (fence 1)"
         items.append((
-            (rule.key, intent_id, now), intent_row(record),
+            (rule.key, intent_id, now),
             attempt_row(now, "CLAIMED", None, intent_id, None, rule.key, caller, intent, message),
+            row,
         ))
     return [statements, *items]
 
 
 def replay_runner(conn: sqlite3.Connection, items: list[Any]) -> Any:
-    (upsert, insert_intent, insert_attempt), params = items[0], items[1:]
+    (upsert, insert_attempt, insert_intent), params = items[0], items[1:]
 
     def run(start: int, stop: int, out: list[int]) -> None:
         ex = conn.execute
         clock = time.perf_counter_ns
-        for scope, intent, attempt in params[start:stop]:
+        for scope, attempt, intent in params[start:stop]:
             t0 = clock()
             ex("BEGIN IMMEDIATE")
             ex(upsert, scope).fetchone()
+            intent[-1] = ex(insert_attempt, attempt).fetchone()[0]
             ex(insert_intent, intent)
-            ex(insert_attempt, attempt).fetchone()
             ex("COMMIT")
             out.append(clock() - t0)
 

@@ -7,6 +7,7 @@ safety: a child process never touches its parent's connections.
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
@@ -19,13 +20,18 @@ if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
 
 SYNCHRONOUS_MODES = ("FULL", "NORMAL", "EXTRA")
+SQLITE_BUSY, SQLITE_LOCKED = 5, 6
+log = logging.getLogger("orderguard")
 _INHERITED: list[sqlite3.Connection] = []  # a forked child's copies of its parent's connections
 
 
 class SQLiteFile:
     """Per-thread connections to one SQLite file in WAL mode."""
 
-    def __init__(self, path: str, *, synchronous: str = "FULL", busy_timeout: float = 5.0, label: str = "ledger") -> None:
+    def __init__(
+        self, path: str, *, synchronous: str = "FULL", busy_timeout: float = 5.0, label: str = "ledger",
+        autocheckpoint: bool = True,
+    ) -> None:
         sync = synchronous.upper()
         if sync not in SYNCHRONOUS_MODES:
             raise ConfigurationError(f"synchronous must be one of {SYNCHRONOUS_MODES}, not {synchronous!r}")
@@ -39,6 +45,11 @@ class SQLiteFile:
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
         self._pid = os.getpid()
+        # Without autocheckpoint the owner runs start_checkpointer(): checkpoints off its hot path.
+        self.autocheckpoint = autocheckpoint
+        self._checkpointer: tuple[int, float] | None = None
+        self._checkpointer_stop: threading.Event | None = None
+        self._page = 0
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -50,6 +61,8 @@ class SQLiteFile:
             if str(mode).lower() != "wal":
                 raise StoreUnavailable(f"{self.label} {self.path!r} cannot use WAL mode (got {mode})")
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            if not self.autocheckpoint:
+                conn.execute("PRAGMA wal_autocheckpoint = 0")
         except sqlite3.DatabaseError as exc:
             raise self.translate(exc, "open") from exc
         return conn
@@ -64,6 +77,8 @@ class SQLiteFile:
             self._pid = pid
             self._local = threading.local()
             self._all = []
+            if self._checkpointer is not None:  # threads do not survive fork()
+                self.start_checkpointer(*self._checkpointer)
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._connect()
@@ -97,10 +112,49 @@ class SQLiteFile:
         except sqlite3.DatabaseError as exc:
             raise self.translate(exc, "read") from exc
 
+    def start_checkpointer(self, limit: int, interval: float = 0.2) -> None:
+        """Keep the WAL short from a daemon thread of this process (restarted after fork).
+
+        Every ``interval`` a PASSIVE checkpoint copies committed pages into the database without
+        blocking anyone. Under a continuous stream of writes a passive checkpoint never catches
+        up, so the WAL would grow forever (and a growing WAL makes every commit slower); once it
+        holds more than ``limit`` bytes, a RESTART checkpoint briefly holds writers back while it
+        copies the few pages the passive one left, and the WAL starts over.
+        """
+        self._checkpointer = (limit, interval)
+        stop = threading.Event()
+        self._checkpointer_stop = stop
+
+        def loop() -> None:
+            while not stop.wait(interval):
+                try:
+                    self.checkpoint(limit)
+                except Exception as exc:  # never let housekeeping kill the process
+                    log.warning("WAL checkpoint of %s failed: %s", self.path, exc)
+
+        threading.Thread(target=loop, name=f"orderguard-checkpoint:{os.path.basename(self.path)}", daemon=True).start()
+
+    def checkpoint(self, limit: int) -> None:
+        """One round of the checkpointer: PASSIVE, then RESTART if the WAL is still over ``limit``."""
+        conn = self.conn()
+        try:
+            _, wal_frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if wal_frames * self._page_size(conn) > limit:
+                conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+        except sqlite3.DatabaseError as exc:  # busy or locked: the next round tries again
+            if getattr(exc, "sqlite_errorcode", 0) & 0xFF not in (SQLITE_BUSY, SQLITE_LOCKED):
+                raise self.translate(exc, "checkpoint") from exc
+
+    def _page_size(self, conn: sqlite3.Connection) -> int:
+        if not self._page:
+            self._page = int(conn.execute("PRAGMA page_size").fetchone()[0])
+        return self._page
+
     def translate(self, exc: sqlite3.DatabaseError, what: str) -> StoreError:
         text = str(exc)
         where = f"{self.label} {self.path!r}"
-        if "locked" in text or "busy" in text:
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # primary result code
+        if code in (SQLITE_BUSY, SQLITE_LOCKED):
             return StoreLocked(
                 f"{where} stayed locked by another writer for more than {self.busy_timeout:g}s "
                 f"during {what}; nothing was sent. Look for a stuck process holding the file, or "
@@ -110,7 +164,18 @@ class SQLiteFile:
             return StoreUnavailable(f"{where} cannot be used ({text}) during {what}; nothing was sent.")
         return StoreError(f"{where} failed during {what}: {text}; nothing was sent.")
 
+    def run_script(self, conn: sqlite3.Connection, script: str) -> None:
+        """Run a schema script statement by statement inside the caller's transaction
+        (``executescript`` would COMMIT on its own). Comments may contain semicolons."""
+        text = "\n".join(line.split("--", 1)[0] for line in script.splitlines())
+        for statement in text.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+
     def close(self) -> None:
+        if self._checkpointer_stop is not None:
+            self._checkpointer_stop.set()
+            self._checkpointer = None
         with self._all_lock:
             conns, self._all = self._all, []
         if os.getpid() == self._pid:

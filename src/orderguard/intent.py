@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from decimal import Decimal, InvalidOperation
 from enum import Enum, StrEnum
+from functools import cached_property
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -202,6 +203,10 @@ class OrderIntent(BaseModel):
 
     def payload_digest(self) -> str:
         """Fingerprint of what would be sent: same digest means the same order."""
+        return self._digest
+
+    @cached_property
+    def _digest(self) -> str:
         parts = (
             self.account, self.symbol, self.side.value, canonical_decimal(self.quantity),
             self.order_type.value, canonical_decimal(self.limit_price),

@@ -8,6 +8,7 @@ gives the reason.
 
 from __future__ import annotations
 
+import re
 import threading
 import warnings
 from abc import ABC, abstractmethod
@@ -131,7 +132,7 @@ class Cycle(Window):
         self.id = id
 
     def key(self, now: datetime) -> str:
-        return f"cycle:{quote(self.id, safe='')}"
+        return f"cycle:{_escape(self.id)}"
 
     def __repr__(self) -> str:
         return f"Cycle({self.id!r})"
@@ -180,9 +181,16 @@ def _check_by(by: Sequence[str]) -> tuple[str, ...]:
     return fields
 
 
+_PLAIN = re.compile(r"[A-Za-z0-9_.~-]*")
+
+
+def _escape(value: str) -> str:
+    return value if _PLAIN.fullmatch(value) else quote(value, safe="")
+
+
 def scope_key(kind: ScopeKind, by: tuple[str, ...], intent: OrderIntent, window: str = "") -> str:
     """Readable, unambiguous key: ``once|strategy=spx-calendar|@XNYS:2026-11-20``."""
-    parts = [kind.value] + [f"{name}={quote(intent.field_value(name), safe='')}" for name in by]
+    parts = [kind.value] + [f"{name}={_escape(intent.field_value(name))}" for name in by]
     if window:
         parts.append("@" + window)
     return "|".join(parts)

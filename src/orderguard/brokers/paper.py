@@ -136,9 +136,7 @@ class PaperBroker:
         self.lookup_grace = float(lookup_grace) if lookup_grace is not None else max(1.0, 2 * self.faults.lookup_lag)
         self._db = SQLiteFile(path, synchronous=synchronous, busy_timeout=10.0, label="paper venue")
         with self._db.write("paper venue schema") as conn:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
+            self._db.run_script(conn, _SCHEMA)
 
     @classmethod
     def open(cls, url: str = "sqlite:///paper.db", **options: Any) -> PaperBroker:

@@ -8,7 +8,6 @@ intent goes through :meth:`Store.transition`, a compare-and-set on (intent id, f
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
 import socket
@@ -30,7 +29,6 @@ if TYPE_CHECKING:
     from ..policies import Policy
 
 SCHEMA_VERSION = 1
-CLIENT_ORDER_ID_MAX = 32
 
 
 class BlockReason(StrEnum):
@@ -105,6 +103,7 @@ class IntentRecord:
     closed: bool = False
     note: str | None = None
     first_miss_at: float | None = None
+    attempt_id: int | None = None  # the attempt that claimed it
 
     @property
     def working(self) -> bool:
@@ -170,39 +169,36 @@ class TransitionFields:
 
 
 def client_order_id(namespace: str, scope_key: str, fence: int) -> str:
-    """Deterministic client order id for (scope, fencing token): ``og-<20 base32>-<base36>``.
+    """Deterministic client order id for (scope, fencing token): ``og-<20 hex>-<base36>``.
 
     At most 32 characters of ``[a-z0-9-]`` (DESIGN invariant 3). The store's namespace keeps
     ids from a wiped and recreated ledger from colliding with orders the venue remembers.
     """
-    digest = hashlib.sha256(f"{namespace}\x1f{scope_key}".encode()).digest()
-    head = base64.b32encode(digest).decode("ascii").lower()[:20]
-    token = _base36(fence)
-    coid = f"og-{head}-{token}"
-    if len(coid) > CLIENT_ORDER_ID_MAX:  # only past 36**8 claims of one scope
+    return client_order_id_head(namespace, scope_key) + "-" + fence_text(fence)
+
+
+def client_order_id_head(namespace: str, scope_key: str) -> str:
+    """The scope's part of its client order ids (computable before the claim transaction)."""
+    # 80 bits of the scope's hash: collisions within one ledger namespace are not a concern.
+    return "og-" + hashlib.sha256(f"{namespace}\x1f{scope_key}".encode()).hexdigest()[:20]
+
+
+def fence_text(fence: int) -> str:
+    """The fencing token in base 36 (at most 8 characters: 2.8e12 claims of one scope)."""
+    if fence >= 36**8:
         raise OverflowError(f"fencing token {fence} too large for a client order id")
-    return coid
-
-
-def _base36(n: int) -> str:
     digits = "0123456789abcdefghijklmnopqrstuvwxyz"
     out = ""
     while True:
-        n, r = divmod(n, 36)
+        fence, r = divmod(fence, 36)
         out = digits[r] + out
-        if n == 0:
+        if fence == 0:
             return out
 
 
 def new_intent_id() -> str:
-    """Sortable unique id: 48-bit milliseconds + 80 random bits, Crockford base32 (26 chars)."""
-    value = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
-    alphabet = "0123456789abcdefghjkmnpqrstvwxyz"
-    chars = []
-    for _ in range(26):
-        value, r = divmod(value, 32)
-        chars.append(alphabet[r])
-    return "".join(reversed(chars))
+    """Unique, time-ordered id: 48-bit milliseconds then 80 random bits, 32 hex digits."""
+    return f"{int(time.time() * 1000):012x}{os.urandom(10).hex()}"
 
 
 def explain_block(

@@ -23,7 +23,7 @@ def _dec(text: str | None) -> Decimal | None:
 def intent_from_row(row: Sequence[Any]) -> IntentRecord:
     (id_, coid, fence, scope_key, scope_keys, state, account, strategy, symbol, side, quantity,
      order_type, limit_price, stop_price, tif, source, tags, digest, created_at, updated_at, host,
-     pid, runner, thread, task, broker_order_id, filled, avg, released, closed, note, miss) = row
+     pid, runner, thread, task, broker_order_id, filled, avg, released, closed, note, miss, attempt_id) = row
     return IntentRecord(
         id=id_, client_order_id=coid, fence=int(fence), scope_key=scope_key,
         scope_keys=tuple(scope_keys.split("\n")), state=State(state), account=account,
@@ -34,6 +34,7 @@ def intent_from_row(row: Sequence[Any]) -> IntentRecord:
         runner=runner, thread=thread, task=task, broker_order_id=broker_order_id,
         filled_quantity=Decimal(filled), average_price=_dec(avg), released=bool(released),
         closed=bool(closed), note=note, first_miss_at=None if miss is None else float(miss),
+        attempt_id=attempt_id,
     )
 
 
@@ -53,7 +54,7 @@ def attempt_from_row(row: Sequence[Any]) -> AttemptRecord:
 
 def new_intent_record(
     intent: OrderIntent, intent_id: str, coid: str, fence: int, scope_keys: tuple[str, ...],
-    state: State, caller: Caller, now: float,
+    state: State, caller: Caller, now: float, attempt_id: int,
 ) -> IntentRecord:
     return IntentRecord(
         id=intent_id, client_order_id=coid, fence=fence, scope_key=scope_keys[0],
@@ -63,20 +64,24 @@ def new_intent_record(
         stop_price=intent.stop_price, time_in_force=intent.time_in_force.value,
         source=intent.source, tags=dict(intent.tags), payload_digest=intent.payload_digest(),
         created_at=now, updated_at=now, host=caller.host, pid=caller.pid, runner=caller.runner,
-        thread=caller.thread, task=caller.task,
+        thread=caller.thread, task=caller.task, attempt_id=attempt_id,
     )
 
 
-def intent_row(rec: IntentRecord) -> tuple[Any, ...]:
-    """The insert parameters of a new intent, in INTENT_COLUMNS order."""
-    return (
-        rec.id, rec.client_order_id, rec.fence, rec.scope_key, "\n".join(rec.scope_keys),
-        rec.state.value, rec.account, rec.strategy, rec.symbol, rec.side,
-        canonical_decimal(rec.quantity), rec.order_type, _opt(rec.limit_price),
-        _opt(rec.stop_price), rec.time_in_force, rec.source,
-        json.dumps(rec.tags, sort_keys=True), rec.payload_digest, rec.created_at, rec.updated_at,
-        rec.host, rec.pid, rec.runner, rec.thread, rec.task, None, "0", None, 0, 0, None, None,
-    )
+def intent_row(
+    intent: OrderIntent, intent_id: str, scope_keys: tuple[str, ...], state: State, caller: Caller, now: float,
+) -> list[Any]:
+    """Insert parameters of a new intent in INTENT_COLUMNS order, with the client order id
+    (index 1), fence (2) and attempt id (last) left for the claim transaction to fill in."""
+    return [
+        intent_id, None, None, scope_keys[0], "\n".join(scope_keys), state.value, intent.account,
+        intent.strategy, intent.symbol, intent.side.value, canonical_decimal(intent.quantity),
+        intent.order_type.value, _opt(intent.limit_price), _opt(intent.stop_price),
+        intent.time_in_force.value, intent.source,
+        json.dumps(intent.tags, sort_keys=True) if intent.tags else "{}", intent.payload_digest(),
+        now, now, caller.host, caller.pid, caller.runner, caller.thread, caller.task, None, "0", None,
+        0, 0, None, None, None,
+    ]
 
 
 def attempt_row(

@@ -15,7 +15,7 @@ CREATE TABLE IF NOT EXISTS scopes (
     fence   INTEGER NOT NULL,
     holder  TEXT,
     held_at REAL
-);
+) WITHOUT ROWID;
 -- Open intents of MaxOpen/OneOpen scopes, deleted when the intent is released or closed.
 CREATE TABLE IF NOT EXISTS holds (
     scope_key TEXT NOT NULL,
@@ -55,11 +55,14 @@ CREATE TABLE IF NOT EXISTS intents (
     released        INTEGER NOT NULL DEFAULT 0,
     closed          INTEGER NOT NULL DEFAULT 0,
     note            TEXT,
-    first_miss_at   REAL
-);
-CREATE INDEX IF NOT EXISTS intents_state ON intents(state);
-CREATE INDEX IF NOT EXISTS intents_strategy ON intents(strategy, created_at);
-CREATE INDEX IF NOT EXISTS intents_created ON intents(created_at);
+    first_miss_at   REAL,
+    attempt_id      INTEGER NOT NULL
+) WITHOUT ROWID;
+-- Ids are time-ordered, so the primary key is also the time index. Every b-tree a claim writes
+-- costs commit time, so the claim writes four: scopes, intents, its client-order-id index and
+-- attempts. The state index below leaves out the states a claim inserts.
+CREATE INDEX IF NOT EXISTS intents_live ON intents(state)
+    WHERE state IN ('UNKNOWN', 'ACKED', 'PARTIALLY_FILLED');
 CREATE TABLE IF NOT EXISTS attempts (
     id          INTEGER PRIMARY KEY,
     at          REAL NOT NULL,
@@ -84,16 +87,15 @@ CREATE TABLE IF NOT EXISTS attempts (
     stop_price  TEXT,
     message     TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS attempts_intent ON attempts(intent_id);
-CREATE INDEX IF NOT EXISTS attempts_holder ON attempts(holder_id);
-CREATE INDEX IF NOT EXISTS attempts_at ON attempts(at);
+-- The claimed attempt of an intent is found through intents.attempt_id; blocked ones by holder.
+CREATE INDEX IF NOT EXISTS attempts_holder ON attempts(holder_id) WHERE holder_id IS NOT NULL;
 """
 
 INTENT_COLUMNS = (
     "id, client_order_id, fence, scope_key, scope_keys, state, account, strategy, symbol, side, "
     "quantity, order_type, limit_price, stop_price, time_in_force, source, tags, payload_digest, "
     "created_at, updated_at, host, pid, runner, thread, task, broker_order_id, filled_quantity, "
-    "average_price, released, closed, note, first_miss_at"
+    "average_price, released, closed, note, first_miss_at, attempt_id"
 )
 
 ATTEMPT_COLUMNS = (

@@ -39,8 +39,9 @@ from .base import (
     IntentRecord,
     Store,
     TransitionFields,
-    client_order_id,
+    client_order_id_head,
     explain_block,
+    fence_text,
     new_intent_id,
 )
 from .rows import attempt_from_row, attempt_row, intent_from_row, intent_row, new_intent_record
@@ -54,6 +55,8 @@ if TYPE_CHECKING:
     from ..policies import Policy
 
 # File systems whose byte-range locks SQLite cannot rely on (sqlite.org/useovernet.html).
+# A background thread keeps the WAL under this size, so no claim ever runs a checkpoint.
+WAL_LIMIT = 4 * 1024 * 1024
 NETWORK_FILESYSTEMS = frozenset({
     "nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "afs", "9p", "virtiofs", "fuse.sshfs",
     "sshfs", "glusterfs", "fuse.glusterfs", "ceph", "fuse.ceph", "lustre", "gpfs", "ocfs2",
@@ -160,13 +163,14 @@ class SQLiteStore(Store):
         create: bool = True,
     ) -> None:
         self.path = path
-        self._db = SQLiteFile(path, synchronous=synchronous, busy_timeout=busy_timeout)
+        self._db = SQLiteFile(path, synchronous=synchronous, busy_timeout=busy_timeout, autocheckpoint=False)
         self.synchronous = self._db.synchronous
         self._clock = clock
         refuse_network_filesystem(path)
         if not create and not os.path.exists(path):
             raise StoreUnavailable(f"no ledger at {path!r}; run `orderguard migrate` to create one")
         self.namespace = self._open_schema(create)
+        self._db.start_checkpointer(WAL_LIMIT)
 
     def _open_schema(self, create: bool) -> str:
         rows = self._db.read("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'meta'")
@@ -174,10 +178,7 @@ class SQLiteStore(Store):
             if not create:
                 raise SchemaMismatch(f"{self.path!r} is not an orderguard ledger; run `orderguard migrate`")
             with self._db.write("schema creation") as conn:
-                # executescript() would COMMIT on its own: run the statements one by one.
-                for statement in SCHEMA_V1.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
+                self._db.run_script(conn, SCHEMA_V1)
                 conn.execute(
                     "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?), ('namespace', ?), ('created_at', ?)",
                     (str(SCHEMA_VERSION), uuid.uuid4().hex, str(time.time())),
@@ -211,11 +212,18 @@ class SQLiteStore(Store):
         *,
         state: State = State.SENDING,
     ) -> ClaimDecision:
+        # Everything that does not need the lock is prepared first: the transaction holds the
+        # file's write lock, so each microsecond in it is a microsecond every other writer waits.
+        # Window keys come from the clock read here; a writer that then waits for the lock
+        # still claims the window it asked in, which is never a second claim of one window.
+        now = self.now()
+        moment = datetime.fromtimestamp(now, tz=UTC)
+        rules = tuple(p.rule(intent, moment) for p in policies)
+        keys = tuple(rule.key for rule in rules)
         intent_id = new_intent_id()
+        head = client_order_id_head(self.namespace, keys[0])
+        params = intent_row(intent, intent_id, keys, state, caller, now)
         with self._db.write("claim") as conn:
-            now = self.now()
-            moment = datetime.fromtimestamp(now, tz=UTC)
-            rules = tuple(p.rule(intent, moment) for p in policies)
             fence = 0
             for index, rule in enumerate(rules):
                 token = self._take(conn, rule, intent_id, now)
@@ -234,13 +242,13 @@ class SQLiteStore(Store):
                     )
                 if index == 0:
                     fence = token
-            keys = tuple(rule.key for rule in rules)
-            coid = client_order_id(self.namespace, keys[0], fence)
-            record = new_intent_record(intent, intent_id, coid, fence, keys, state, caller, now)
-            conn.execute(_INSERT_INTENT, intent_row(record))
+            coid = f"{head}-{fence_text(fence)}"
             message = f"CLAIMED {intent.describe()} from {intent.source} as {coid} (fence {fence})"
             row = attempt_row(now, "CLAIMED", None, intent_id, None, keys[0], caller, intent, message)
             attempt_id = conn.execute(_INSERT_ATTEMPT, row).fetchone()[0]
+            params[1], params[2], params[-1] = coid, fence, attempt_id
+            conn.execute(_INSERT_INTENT, params)
+        record = new_intent_record(intent, intent_id, coid, fence, keys, state, caller, now, attempt_id)
         return ClaimDecision(claimed=True, attempt_id=attempt_id, intent=record, message=message, rules=rules)
 
     @staticmethod
@@ -371,7 +379,7 @@ class SQLiteStore(Store):
             params.append(since)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         rows = self._db.read(
-            f"SELECT {INTENT_COLUMNS} FROM intents {clause} ORDER BY created_at DESC, id DESC LIMIT ?",
+            f"SELECT {INTENT_COLUMNS} FROM intents {clause} ORDER BY id DESC LIMIT ?",
             (*params, int(limit)),
         )
         return [intent_from_row(r) for r in rows]
@@ -389,7 +397,7 @@ class SQLiteStore(Store):
         where: list[str] = []
         params: list[object] = []
         if intent_id is not None:
-            where.append("intent_id = ?")
+            where.append("id = (SELECT attempt_id FROM intents WHERE id = ?)")
             params.append(intent_id)
         if holder_id is not None:
             where.append("holder_id = ?")
