@@ -26,7 +26,7 @@ def intent_from_row(row: Sequence[Any]) -> IntentRecord:
      pid, runner, thread, task, broker_order_id, filled, avg, released, closed, note, miss, attempt_id) = row
     return IntentRecord(
         id=id_, client_order_id=coid, fence=int(fence), scope_key=scope_key,
-        scope_keys=tuple(scope_keys.split("\n")), state=State(state), account=account,
+        scope_keys=tuple(scope_keys.split("\n")) if scope_keys else (scope_key,), state=State(state), account=account,
         strategy=strategy, symbol=symbol, side=side, quantity=Decimal(quantity),
         order_type=order_type, limit_price=_dec(limit_price), stop_price=_dec(stop_price),
         time_in_force=tif, source=source, tags=json.loads(tags), payload_digest=digest,
@@ -48,7 +48,9 @@ def attempt_from_row(row: Sequence[Any]) -> AttemptRecord:
         holder_id=holder_id, scope_key=scope_key, host=host, pid=int(pid), runner=runner,
         thread=thread, task=task, source=source, account=account, strategy=strategy,
         symbol=symbol, side=side, quantity=Decimal(quantity), order_type=order_type,
-        limit_price=_dec(limit_price), stop_price=_dec(stop_price), message=message,
+        limit_price=_dec(limit_price), stop_price=_dec(stop_price),
+        # A claimed attempt's row is kept short; its intent row holds the details.
+        message=message or f"CLAIMED {strategy} {symbol} {side} {quantity} (account {account}) from {source} as intent {intent_id}",
     )
 
 
@@ -74,7 +76,9 @@ def intent_row(
     """Insert parameters of a new intent in INTENT_COLUMNS order, with the client order id
     (index 1), fence (2) and attempt id (last) left for the claim transaction to fill in."""
     return [
-        intent_id, None, None, scope_keys[0], "\n".join(scope_keys), state.value, intent.account,
+        # scope_keys is stored only when there are several (rows stay short: fewer page splits)
+        intent_id, None, None, scope_keys[0], "\n".join(scope_keys) if len(scope_keys) > 1 else "",
+        state.value, intent.account,
         intent.strategy, intent.symbol, intent.side.value, canonical_decimal(intent.quantity),
         intent.order_type.value, _opt(intent.limit_price), _opt(intent.stop_price),
         intent.time_in_force.value, intent.source,

@@ -243,12 +243,12 @@ class SQLiteStore(Store):
                 if index == 0:
                     fence = token
             coid = f"{head}-{fence_text(fence)}"
-            message = f"CLAIMED {intent.describe()} from {intent.source} as {coid} (fence {fence})"
-            row = attempt_row(now, "CLAIMED", None, intent_id, None, keys[0], caller, intent, message)
+            row = attempt_row(now, "CLAIMED", None, intent_id, None, keys[0], caller, intent, "")
             attempt_id = conn.execute(_INSERT_ATTEMPT, row).fetchone()[0]
             params[1], params[2], params[-1] = coid, fence, attempt_id
             conn.execute(_INSERT_INTENT, params)
         record = new_intent_record(intent, intent_id, coid, fence, keys, state, caller, now, attempt_id)
+        message = f"CLAIMED {intent.describe()} from {intent.source} as {coid} (fence {fence})"
         return ClaimDecision(claimed=True, attempt_id=attempt_id, intent=record, message=message, rules=rules)
 
     @staticmethod
