@@ -303,7 +303,10 @@ def test_paused_before_send_does_not_send_after_the_scope_was_freed(
         assert stale.state is State.SENDING
         assert broker.orders() == []
 
-        wait_older_than(guard, stale.created_at, guard.stale_after)
+        # The owner is alive (stopped), so the intent is given up only stale_after past the
+        # send deadline recorded with it; the owner's own deadline check then refuses to send.
+        assert stale.send_by_at is not None
+        wait_older_than(guard, stale.send_by_at, guard.stale_after)
         report = guard.reconcile(broker, grace=GRACE)  # stale_after: the guard's 2 s
         assert report.clean, report.lines()
         freed = guard.intent(stale.id)

@@ -10,13 +10,16 @@ from decimal import Decimal
 import pytest
 
 from orderguard import (
+    AmbiguousOutcome,
     BlockReason,
     Ever,
     Guard,
+    InvalidIntent,
     InvalidPolicy,
     NotClaimed,
     OncePer,
     OneOpen,
+    OrderRejected,
     Outcome,
     SendDeadlineExceeded,
     State,
@@ -47,7 +50,7 @@ def test_default_policy_and_missing_policy(ledger_url: str, broker: PaperBroker)
 
 
 def test_submit_rejects_non_intents(guard: Guard, broker: PaperBroker) -> None:
-    with pytest.raises(TypeError, match="OrderIntent"):
+    with pytest.raises(InvalidIntent, match="OrderIntent"):
         guard.submit({"symbol": "SPX"}, broker, policy=ONCE)  # type: ignore[arg-type]
     assert guard.attempts() == []
 
@@ -81,9 +84,10 @@ def test_blocked_submits_log_an_operator_line(guard: Guard, broker: PaperBroker,
 
 def test_claim_context_reports_the_venue_answer(guard: Guard, broker: PaperBroker) -> None:
     with guard.claim(make_intent(), policy=ONCE) as claim:
-        assert claim and claim.intent.state is State.CLAIMED
-        order = broker.submit(OrderRequest.from_record(claim.intent))
-        assert claim.send_started is False
+        assert claim and claim.send_started is False
+        order = broker.submit(claim.request())  # hands the client order id out
+        assert claim.intent.state is State.CLAIMED
+        assert claim.send_started is True
         claim.acked(order.broker_order_id)
         claim.filled(Decimal(4), Decimal(100))
     rec = guard.intent(claim.intent.id)
@@ -110,6 +114,39 @@ def test_claim_exception_after_send_started_is_unknown(guard: Guard) -> None:
         assert blocked.existing is not None and blocked.existing.id == rec.id
         with pytest.raises(NotClaimed):
             _ = blocked.client_order_id
+
+
+def test_claim_lost_ack_is_unknown_however_the_id_was_read(guard: Guard, paper_url: str) -> None:
+    broker = PaperBroker.open(paper_url, faults=PaperFaults(lose_ack=-1))
+    for n, read in enumerate((lambda c: c.request(), lambda c: OrderRequest.from_record(c.intent))):
+        with pytest.raises(AmbiguousOutcome), guard.claim(make_intent(strategy=f"s{n}"), policy=ONCE) as claim:
+            broker.submit(read(claim))
+        rec = guard.intents(strategy=f"s{n}")[0]
+        assert rec.state is State.UNKNOWN, rec
+        assert guard.submit(make_intent(strategy=f"s{n}"), broker, policy=ONCE).reason is BlockReason.UNKNOWN_PENDING
+    assert len(broker.orders()) == 2  # one per intent, never a second
+
+
+def test_claim_broker_errors_are_never_read_as_not_sent(guard: Guard) -> None:
+    with pytest.raises(AmbiguousOutcome), guard.claim(make_intent(), policy=ONCE):
+        raise AmbiguousOutcome("timeout from an adapter that built its own request")
+    assert guard.intents()[0].state is State.UNKNOWN
+    with pytest.raises(OrderRejected), guard.claim(make_intent(strategy="r"), policy=ONCE):
+        raise OrderRejected("insufficient buying power")
+    assert guard.intents(strategy="r")[0].state is State.REJECTED
+
+
+def test_submit_past_the_send_deadline_is_not_sent_and_frees_the_scope(ledger_url: str, paper_url: str) -> None:
+    class SlowLink(PaperBroker):
+        def submit(self, order: OrderRequest):  # type: ignore[no-untyped-def]
+            time.sleep(0.3)  # the process stalls between the claim and the network write
+            return super().submit(order)
+
+    with Guard.open(ledger_url, send_deadline=0.1) as guard:
+        result = guard.submit(make_intent(), SlowLink(paper_url.removeprefix("sqlite:///")), policy=ONCE)
+        assert result.outcome is Outcome.NOT_SENT and result.state is State.ABANDONED
+        again = guard.submit(make_intent(), PaperBroker.open(paper_url), policy=ONCE)
+        assert again.sent and len(PaperBroker.open(paper_url).orders()) == 1
 
 
 def test_claim_that_ends_silently_after_send_is_unknown(guard: Guard) -> None:

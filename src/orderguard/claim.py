@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from .errors import FencedOut, NotClaimed, SendDeadlineExceeded, StoreError
+from .brokers.base import OrderRequest
+from .errors import BrokerError, FencedOut, NotClaimed, OrderRejected, SendDeadlineExceeded, StoreError
 from .states import PENDING, State
 from .store.base import BlockReason, ClaimDecision, IntentRecord, TransitionFields
 
@@ -133,7 +134,16 @@ class Claim:
 
     @property
     def intent(self) -> IntentRecord:
-        """This claim's intent as last written by this owner."""
+        """This claim's intent as last written by this owner.
+
+        It carries the client order id, so reading it counts as handing the id out: from then
+        on an exception in the ``with`` block leaves the intent UNKNOWN, not ABANDONED.
+        """
+        record = self._held()
+        self.send_started = True
+        return record
+
+    def _held(self) -> IntentRecord:
         if self._record is None:
             raise NotClaimed(self.decision.message)
         return self._record
@@ -143,17 +153,29 @@ class Claim:
         """``time.monotonic()`` after which this claim must not be sent any more."""
         return self._claimed_at + self._send_deadline
 
+    def _hand_out(self) -> IntentRecord:
+        """Check the send deadline (monotonic and store clock), then mark the send as started."""
+        record = self._held()
+        if not self.send_started:
+            late = time.monotonic() > self.send_by or (
+                record.send_by_at is not None and self._store.now() > record.send_by_at
+            )
+            if late:
+                raise SendDeadlineExceeded(
+                    f"claim {record.client_order_id} is {time.monotonic() - self._claimed_at:.1f}s old, "
+                    f"past the {self._send_deadline:g}s send deadline; nothing was sent"
+                )
+        self.send_started = True
+        return record
+
     @property
     def client_order_id(self) -> str:
         """The id to send with. Reading it marks the send as started (an error then is UNKNOWN)."""
-        record = self.intent
-        if not self.send_started and time.monotonic() > self.send_by:
-            raise SendDeadlineExceeded(
-                f"claim {record.client_order_id} is {time.monotonic() - self._claimed_at:.1f}s old, "
-                f"past the {self._send_deadline:g}s send deadline; nothing was sent"
-            )
-        self.send_started = True
-        return record.client_order_id
+        return self._hand_out().client_order_id
+
+    def request(self) -> OrderRequest:
+        """The order to send, with its client order id and send deadline (adapters check it)."""
+        return OrderRequest.from_record(self._hand_out(), send_by=self.send_by)
 
     # ----------------------------------------------------------------------- reporting
 
@@ -171,7 +193,7 @@ class Claim:
         broker_order_id: str | None = None,
     ) -> IntentRecord:
         """Completely filled (``filled_quantity`` defaults to the intent's quantity)."""
-        qty = self.intent.quantity if filled_quantity is None else filled_quantity
+        qty = self._held().quantity if filled_quantity is None else filled_quantity
         return self._move(State.FILLED, TransitionFields(broker_order_id, qty, average_price))
 
     def rejected(self, reason: str) -> IntentRecord:
@@ -196,9 +218,13 @@ class Claim:
         """Nothing was sent: free the scope. Refused once the client order id was handed out."""
         if self.send_started:
             raise NotClaimed(
-                f"{self.intent.client_order_id} was handed out, so the order may have been sent; "
+                f"{self._held().client_order_id} was handed out, so the order may have been sent; "
                 "report unknown() instead of abandoning it"
             )
+        return self._move(State.ABANDONED, TransitionFields(note=reason))
+
+    def not_sent(self, reason: str) -> IntentRecord:
+        """The adapter proved nothing left (the send deadline passed before the write): ABANDONED."""
         return self._move(State.ABANDONED, TransitionFields(note=reason))
 
     def record(self, order: BrokerOrder) -> IntentRecord:
@@ -209,13 +235,13 @@ class Claim:
             filled_quantity=order.filled_quantity,
             average_price=order.average_price,
         )
-        current = self.intent
+        current = self._held()
         if target is current.state and target is not State.PARTIALLY_FILLED:
             return current
         return self._move(target, facts)
 
     def _move(self, target: State, facts: TransitionFields) -> IntentRecord:
-        current = self.intent
+        current = self._held()
         try:
             self._record = self._store.transition(current.id, self._fence, target, facts)
         except FencedOut as exc:
@@ -231,18 +257,24 @@ class Claim:
     def finish(self, exc: BaseException | None) -> None:
         """Settle the claim at the end of a ``with`` block or decorated call.
 
-        Exception before the send: ABANDONED. Exception after the send started, or no report at
-        all after it: UNKNOWN (never released, never retried blindly).
+        Fail safe: only what proves nothing was sent frees the scope (ABANDONED): an exception
+        or a silent end before the client order id was handed out, or SendDeadlineExceeded. A
+        venue rejection is REJECTED. Anything else after the id was handed out, and any other
+        broker error, is UNKNOWN: never released, never retried blindly.
         """
         record = self._record
         if record is None or record.state not in PENDING:
             return
         try:
-            if not self.send_started:
+            if isinstance(exc, SendDeadlineExceeded):
+                self.not_sent(str(exc))
+            elif isinstance(exc, OrderRejected):
+                self.rejected(str(exc))
+            elif not self.send_started and not isinstance(exc, BrokerError):
                 why = f"no send: {type(exc).__name__}: {exc}" if exc else "the block ended without sending"
                 self.abandon(why)
             elif exc is not None:
-                self.unknown(f"{type(exc).__name__} after the send started: {exc}")
+                self.unknown(f"{type(exc).__name__} after the send may have started: {exc}")
             else:
                 self.unknown("the block ended without reporting the venue's answer")
         except FencedOut:

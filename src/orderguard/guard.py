@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -10,16 +11,17 @@ import os
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _crash
-from .brokers.base import OrderRequest
 from .claim import Claim, Outcome, SubmitResult, _current
 from .errors import (
     ConfigurationError,
     DuplicateClientOrderId,
     FencedOut,
+    InvalidIntent,
+    InvalidTransition,
     OrderGuardError,
     OrderRejected,
     SendDeadlineExceeded,
@@ -54,8 +56,9 @@ class Guard:
 
     ``policy`` is the default policy (or list of policies) for calls that give none.
     ``send_deadline`` bounds the time between a claim and its send: a claim older than that is
-    not sent (a paused process wakes up too late), and the reconciler only declares a pending
-    intent lost once it is older than ``stale_after`` (which must exceed the send deadline).
+    not sent (a paused process wakes up too late). It is recorded with the intent, and the
+    reconciler treats a pending intent of a still-running owner as lost only ``stale_after``
+    seconds after that recorded deadline (an owner that is gone: at once).
     """
 
     def __init__(
@@ -65,10 +68,10 @@ class Guard:
         policy: PolicyArg | None = None,
         runner: str | None = None,
         send_deadline: float = 10.0,
-        stale_after: float = 30.0,
+        stale_after: float = 20.0,
     ) -> None:
-        if not 0 < send_deadline < stale_after:
-            raise ConfigurationError("need 0 < send_deadline < stale_after (seconds)")
+        if not (send_deadline > 0 and stale_after >= 0):
+            raise ConfigurationError("need send_deadline > 0 and stale_after >= 0 (seconds)")
         self.store = store
         self.default_policy = None if policy is None else as_policies(policy)
         self.runner = runner or os.path.basename(sys.argv[0] or "python") or "python"
@@ -83,7 +86,7 @@ class Guard:
         policy: PolicyArg | None = None,
         runner: str | None = None,
         send_deadline: float = 10.0,
-        stale_after: float = 30.0,
+        stale_after: float = 20.0,
         **store_options: Any,
     ) -> Guard:
         """Open a guard on a ledger URL (default ``sqlite:///orderguard.db``).
@@ -104,15 +107,19 @@ class Guard:
 
     # --------------------------------------------------------------------------- claims
 
-    def _claim(self, intent: OrderIntent, policy: PolicyArg | None, state: State, task: str | None) -> Claim:
+    def _claim(
+        self, intent: OrderIntent, policy: PolicyArg | None, state: State, task: str | None, *, opaque: bool = False
+    ) -> Claim:
         if not isinstance(intent, OrderIntent):
-            raise TypeError(f"intent must be an OrderIntent, got {type(intent).__name__}")
+            raise InvalidIntent("intent", f"must be an OrderIntent, got {type(intent).__name__}")
         policies = as_policies(policy) if policy is not None else self.default_policy
         if policies is None:
             policies = as_policies(None)  # raises the explanatory InvalidPolicy
         caller = Caller.current(self.runner, task)
         started = time.monotonic()
-        decision = self.store.claim(intent, policies, caller, state=state)
+        # An opaque owner (a decorated function) may send at any time while it runs: no deadline.
+        deadline = None if opaque else self.send_deadline
+        decision = self.store.claim(intent, policies, caller, state=state, send_deadline=deadline)
         if decision.claimed:
             log.info(decision.message, extra={"intent_id": decision.intent.id if decision.intent else None})
         else:
@@ -126,8 +133,7 @@ class Guard:
             )
         return Claim(self.store, decision, send_deadline=self.send_deadline, started=started)
 
-    @contextmanager
-    def claim(self, intent: OrderIntent, *, policy: PolicyArg | None = None) -> Iterator[Claim]:
+    def claim(self, intent: OrderIntent, *, policy: PolicyArg | None = None) -> AbstractContextManager[Claim]:
         """Claim for existing order code::
 
             with guard.claim(intent, policy=OneOpen()) as claim:
@@ -136,10 +142,22 @@ class Guard:
                 order = api.place(..., client_order_id=claim.client_order_id)
                 claim.acked(order.id)
 
-        An exception before the client order id was read marks the intent ABANDONED (scope
-        free); after it, UNKNOWN (scope blocked until reconciled).
+        An exception before the client order id was handed out (``client_order_id``,
+        ``request()`` or ``intent``) marks the intent ABANDONED (scope free); after it, UNKNOWN
+        (scope blocked until reconciled). Reading the id after the send deadline raises
+        SendDeadlineExceeded (and the intent is ABANDONED).
         """
-        claim = self._claim(intent, policy, State.CLAIMED, _task_name())
+        return self._held_claim(intent, policy, _task_name())
+
+    def aclaim(self, intent: OrderIntent, *, policy: PolicyArg | None = None) -> AbstractAsyncContextManager[Claim]:
+        """``async with`` form of :meth:`claim`; the ledger writes run in a worker thread."""
+        return self._aheld_claim(intent, policy, _task_name())
+
+    @contextmanager
+    def _held_claim(
+        self, intent: OrderIntent, policy: PolicyArg | None, task: str | None, *, opaque: bool = False
+    ) -> Iterator[Claim]:
+        claim = self._claim(intent, policy, State.CLAIMED, task, opaque=opaque)
         try:
             yield claim
         except BaseException as exc:
@@ -148,10 +166,10 @@ class Guard:
         claim.finish(None)
 
     @asynccontextmanager
-    async def aclaim(self, intent: OrderIntent, *, policy: PolicyArg | None = None) -> AsyncIterator[Claim]:
-        """``async with`` form of :meth:`claim`; the ledger write runs in a worker thread."""
-        task = _task_name()
-        claim = await asyncio.to_thread(self._claim, intent, policy, State.CLAIMED, task)
+    async def _aheld_claim(
+        self, intent: OrderIntent, policy: PolicyArg | None, task: str | None, *, opaque: bool = False
+    ) -> AsyncIterator[Claim]:
+        claim = await asyncio.to_thread(self._claim, intent, policy, State.CLAIMED, task, opaque=opaque)
         try:
             yield claim
         except BaseException as exc:
@@ -195,14 +213,12 @@ class Guard:
             d = claim.decision
             return SubmitResult(Outcome.BLOCKED, d.message, d.attempt_id, reason=d.reason, holder=d.holder)
         _crash.point("after_claim_commit")
-        request = OrderRequest.from_record(claim.intent, send_by=claim.send_by)
-        claim.send_started = True
         order: BrokerOrder | None = None
         try:
+            request = claim.request()
             order = broker.submit(request)
         except SendDeadlineExceeded as exc:
-            claim.send_started = False
-            return self._settle(claim, functools.partial(claim.abandon, str(exc)), Outcome.NOT_SENT, None)
+            return self._settle(claim, functools.partial(claim.not_sent, str(exc)), Outcome.NOT_SENT, None)
         except OrderRejected as exc:
             return self._settle(claim, functools.partial(claim.rejected, str(exc)), Outcome.SENT, None)
         except DuplicateClientOrderId as exc:
@@ -239,6 +255,8 @@ class Guard:
             report()
         except FencedOut:
             pass  # the reconciler decided first; the result shows its decision
+        except InvalidTransition as exc:  # e.g. a lagging lookup older than what is recorded
+            log.warning("venue report for %s not recorded: %s", claim.intent.client_order_id, exc)
         except StoreError as exc:
             log.error(
                 "order %s reached the send step but recording its outcome failed: %s. The ledger "
@@ -302,7 +320,7 @@ class Guard:
 
                 @functools.wraps(fn)
                 async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                    async with self.aclaim(make_intent(args, kwargs), policy=policy) as claim:
+                    async with self._aheld_claim(make_intent(args, kwargs), policy, _task_name(), opaque=True) as claim:
                         if not claim:
                             return _blocked_result(claim)
                         return await _run_claimed(claim, lambda: fn(*args, **kwargs))
@@ -311,7 +329,7 @@ class Guard:
 
             @functools.wraps(fn)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
-                with self.claim(make_intent(args, kwargs), policy=policy) as claim:
+                with self._held_claim(make_intent(args, kwargs), policy, _task_name(), opaque=True) as claim:
                     if not claim:
                         return _blocked_result(claim)
                     claim.send_started = True  # opaque function: assume it may send
@@ -320,8 +338,7 @@ class Guard:
                         value = fn(*args, **kwargs)
                     finally:
                         _current.reset(token)
-                    if not claim.reported:
-                        claim.acked()
+                    _report_done(claim)
                     return value
 
             return wrapper  # type: ignore[return-value]
@@ -336,14 +353,14 @@ class Guard:
         """Resolve SENDING/UNKNOWN intents by looking them up at ``broker``; see :mod:`reconcile`."""
         from .reconcile import reconcile
 
-        if stale_after is not None and stale_after <= self.send_deadline:
+        grace = broker.lookup_grace if grace is None else grace
+        if grace < broker.lookup_grace:
             log.warning(
-                "reconciling with stale_after=%gs, not above the send deadline (%gs): a live but "
-                "slow owner could still send an intent declared lost. Use this only when the "
-                "owners are known to be dead.", stale_after, self.send_deadline,
+                "reconciling with grace=%gs, below %s's lookup lag allowance (%gs): an accepted order "
+                "could still be invisible and be declared NOT_FOUND", grace, broker.name, broker.lookup_grace,
             )
         return reconcile(
-            self.store, broker, grace=broker.lookup_grace if grace is None else grace,
+            self.store, broker, grace=grace,
             stale_after=self.stale_after if stale_after is None else stale_after, wait=wait,
         )
 
@@ -386,6 +403,13 @@ async def _run_claimed(claim: Claim, call: Callable[[], Awaitable[Any]]) -> Any:
         value = await call()
     finally:
         _current.reset(token)
-    if not claim.reported:
-        await asyncio.to_thread(claim.acked)
+    await asyncio.to_thread(_report_done, claim)
     return value
+
+
+def _report_done(claim: Claim) -> None:
+    """A decorated function returned: record ACKED unless it reported, or was taken over."""
+    if claim.reported:
+        return
+    with contextlib.suppress(FencedOut):  # the reconciler or an operator settled it meanwhile
+        claim.acked()

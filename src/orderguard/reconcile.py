@@ -1,9 +1,14 @@
 """Reconciliation: the only way an UNKNOWN intent is resolved (DESIGN invariant 4).
 
-For every intent whose outcome the ledger does not know (CLAIMED/SENDING past ``stale_after``,
-UNKNOWN) or that is still working (ACKED, PARTIALLY_FILLED), the reconciler looks the order up
-at the venue by its client order id and records what the venue says, taking the intent over
-with a new fencing token so a paused former owner cannot overwrite the decision.
+For every intent whose outcome the ledger does not know (CLAIMED, SENDING, UNKNOWN) or that is
+still working (ACKED, PARTIALLY_FILLED), the reconciler looks the order up at the venue by its
+client order id and records what the venue says, taking the intent over with a new fencing
+token so a paused former owner cannot overwrite the decision.
+
+A pending intent the venue does not show is only given up when its owner cannot send it any
+more: the owner process is gone (same host: pid and start time), or, for a SENDING intent whose
+owner enforces a send deadline, ``stale_after`` seconds past that recorded deadline. A claim()
+body or decorated function controls its own send, so only its death frees its intent.
 
 "Not found" is only believed after two lookups at least ``grace`` seconds apart (venues show
 an accepted order with a lag); only then does the intent become NOT_FOUND and free its scope.
@@ -21,7 +26,7 @@ from typing import TYPE_CHECKING
 from . import _crash
 from .errors import FencedOut, InvalidTransition, OrderGuardError
 from .states import PENDING, State, can_transition
-from .store.base import TransitionFields
+from .store.base import TransitionFields, owner_alive
 
 if TYPE_CHECKING:
     from .brokers.base import Broker, BrokerOrder
@@ -118,19 +123,26 @@ class _Reconciler:
         why = f"venue shows {order.status.value}, filled {order.filled_quantity}{price}, broker id {order.broker_order_id}"
         self.write(rec, target, facts, why)
 
+    def owner_gone(self, rec: IntentRecord, now: float) -> tuple[bool, str]:
+        """Whether a pending intent's owner can no longer send it, and why (or why not)."""
+        alive = owner_alive(rec.host, rec.pid, rec.owner_started)
+        if alive is False:
+            return True, f"its owner (pid {rec.pid} on {rec.host}) is gone"
+        owner = f"pid {rec.pid} on {rec.host}" + (" is alive" if alive else "")
+        if rec.state is State.CLAIMED or rec.send_by_at is None:
+            # A claim() body or decorated function sends when it likes: only its death frees it.
+            return False, f"its owner ({owner}) controls the send; resolve it by hand if that owner hung"
+        if now >= rec.send_by_at + self.stale_after:
+            return True, f"its owner ({owner}) let its send deadline pass {now - rec.send_by_at:.1f}s ago"
+        return False, f"its owner ({owner}) may still send until {self.stale_after:g}s after its deadline"
+
     def first_pass(self, rec: IntentRecord, now: float) -> IntentRecord | None:
         """Look one intent up; returns it when the venue did not show it (needs a second look)."""
-        if rec.state in PENDING and now - rec.created_at < self.stale_after:
-            self.report.unresolved.append(_decision(
-                rec, None, f"{rec.state.value} for {now - rec.created_at:.1f}s; its owner may still be "
-                f"sending (treated as stale after {self.stale_after:g}s)",
-            ))
-            return None
         ok, order = self.lookup(rec)
         if not ok:
             return None
         if order is not None:
-            self.apply(rec, order)
+            self.apply(rec, order)  # the venue's answer settles it whoever owns it
             return None
         if rec.state in (State.ACKED, State.PARTIALLY_FILLED):
             self.report.unresolved.append(_decision(
@@ -138,8 +150,12 @@ class _Reconciler:
             ))
             return None
         if rec.state in PENDING:
-            moved = self.write(rec, State.UNKNOWN, TransitionFields(note="owner stopped before recording the venue's answer"),
-                               f"owner left it {rec.state.value} for {now - rec.created_at:.1f}s; the venue does not show it yet")
+            gone, why = self.owner_gone(rec, now)
+            if not gone:
+                self.report.unresolved.append(_decision(rec, None, f"{rec.state.value}, not at the venue yet: {why}"))
+                return None
+            moved = self.write(rec, State.UNKNOWN, TransitionFields(note=f"owner stopped before recording the venue's answer: {why}"),
+                               f"{why}; the venue does not show it yet")
             if moved is None:
                 return None
             rec = moved

@@ -26,7 +26,8 @@ _WORKING_RESULTS = {_S.ACKED, _S.PARTIALLY_FILLED, _S.FILLED, _S.CANCELED, _S.EX
 
 ALLOWED: dict[State, frozenset[State]] = {
     _S.CLAIMED: frozenset(_WORKING_RESULTS | {_S.SENDING, _S.REJECTED, _S.UNKNOWN, _S.ABANDONED}),
-    _S.SENDING: frozenset(_WORKING_RESULTS | {_S.REJECTED, _S.UNKNOWN}),
+    # SENDING -> ABANDONED only when the adapter proved nothing left (the send deadline passed).
+    _S.SENDING: frozenset(_WORKING_RESULTS | {_S.REJECTED, _S.UNKNOWN, _S.ABANDONED}),
     _S.ACKED: frozenset({_S.PARTIALLY_FILLED, _S.FILLED, _S.CANCELED, _S.EXPIRED}),
     _S.PARTIALLY_FILLED: frozenset({_S.PARTIALLY_FILLED, _S.FILLED, _S.CANCELED, _S.EXPIRED}),
     _S.UNKNOWN: frozenset(_WORKING_RESULTS | {_S.REJECTED, _S.NOT_FOUND}),

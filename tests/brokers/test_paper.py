@@ -93,7 +93,7 @@ def test_paper_broker_satisfies_the_broker_protocol(broker: PaperBroker) -> None
     assert isinstance(broker, Broker)
     assert broker.name == "paper"
     assert broker.dedupe is VenueDedupe.PERMANENT  # the default
-    assert broker.lookup_grace == 1.0  # max(1.0, 2 * lookup_lag) with no lag
+    assert broker.lookup_grace == 0.0  # 2 * lookup_lag: no lag, nothing to wait out
 
 
 def test_market_order_fills_at_the_default_price_and_moves_position_and_cash(broker: PaperBroker) -> None:
@@ -407,7 +407,7 @@ def test_faults_belong_to_one_instance(open_broker: Callable[..., PaperBroker]) 
 def test_lookup_lag_hides_the_order_until_the_lag_passed(open_broker: Callable[..., PaperBroker]) -> None:
     lag = 0.3
     b = open_broker(faults=PaperFaults(lookup_lag=lag))
-    assert b.lookup_grace == 1.0  # max(1.0, 2 * lag)
+    assert b.lookup_grace == pytest.approx(0.6)  # 2 * lag
     t0 = time.monotonic()
     placed = b.submit(request("lag-1"))
     assert placed.status is OrderStatus.FILLED  # the submitter's own ack shows it

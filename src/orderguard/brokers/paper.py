@@ -133,7 +133,7 @@ class PaperBroker:
         self.starting_cash = Decimal(starting_cash)
         self.default_price = Decimal(default_price)
         # Lookups may lag acceptance by ``faults.lookup_lag``: reconcile waits at least that.
-        self.lookup_grace = float(lookup_grace) if lookup_grace is not None else max(1.0, 2 * self.faults.lookup_lag)
+        self.lookup_grace = float(lookup_grace) if lookup_grace is not None else 2 * self.faults.lookup_lag
         self._db = SQLiteFile(path, synchronous=synchronous, busy_timeout=10.0, label="paper venue")
         with self._db.write("paper venue schema") as conn:
             self._db.run_script(conn, _SCHEMA)

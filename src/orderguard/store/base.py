@@ -48,23 +48,73 @@ class BlockReason(StrEnum):
 
 @dataclass(frozen=True)
 class Caller:
-    """Who is attempting: recorded with every attempt and every claimed intent."""
+    """Who is attempting: recorded with every attempt and every claimed intent.
+
+    ``started`` identifies the process instance (boot id + start time on Linux), so a reused
+    pid is not mistaken for the process that made a claim.
+    """
 
     host: str
     pid: int
     runner: str
     thread: str
     task: str | None = None
+    started: str = ""
 
     @classmethod
     def current(cls, runner: str, task: str | None = None) -> Caller:
+        pid = os.getpid()
         return cls(
-            host=_HOST, pid=os.getpid(), runner=runner,
-            thread=threading.current_thread().name, task=task,
+            host=_HOST, pid=pid, runner=runner, thread=threading.current_thread().name, task=task,
+            started=process_start(pid) if pid != _SELF[0] else _SELF[1],
         )
 
 
 _HOST = socket.gethostname()
+DEFAULT_SEND_DEADLINE = 10.0
+
+
+def this_host() -> str:
+    return _HOST
+
+
+def process_start(pid: int) -> str:
+    """A marker of when process ``pid`` started ("" where the platform does not say)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            stat = fh.read()
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as fh:
+            boot = fh.read().strip()
+    except OSError:
+        return ""
+    # Field 22 (starttime) follows the parenthesised command name, which may contain spaces.
+    return f"{boot}:{stat.rsplit(')', 1)[1].split()[19]}"
+
+
+_SELF = (os.getpid(), process_start(os.getpid()))
+
+
+def _refresh_self() -> None:
+    global _SELF
+    _SELF = (os.getpid(), process_start(os.getpid()))
+
+
+os.register_at_fork(after_in_child=_refresh_self)
+
+
+def owner_alive(host: str, pid: int, started: str) -> bool | None:
+    """Whether the process that made a claim still runs: None when it cannot be told (another host)."""
+    if host != _HOST:
+        return None
+    if started:
+        return process_start(pid) == started
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass(frozen=True)
@@ -104,6 +154,8 @@ class IntentRecord:
     note: str | None = None
     first_miss_at: float | None = None
     attempt_id: int | None = None  # the attempt that claimed it
+    send_by_at: float | None = None  # store clock; None: the owner may send at any time (opaque)
+    owner_started: str = ""
 
     @property
     def working(self) -> bool:
@@ -250,8 +302,12 @@ class Store(ABC):
         caller: Caller,
         *,
         state: State = State.SENDING,
+        send_deadline: float | None = DEFAULT_SEND_DEADLINE,
     ) -> ClaimDecision:
         """Arbitrate and record one attempt atomically.
+
+        ``send_deadline``: seconds (store clock) within which the owner sends or gives up,
+        recorded as ``send_by_at``; None for an owner that may send at any time.
 
         Claimed: the intent (in ``state``), its scope holds and the attempt are committed
         together. Blocked: only the attempt is committed, with the reason and the holder.

@@ -23,7 +23,8 @@ def _dec(text: str | None) -> Decimal | None:
 def intent_from_row(row: Sequence[Any]) -> IntentRecord:
     (id_, coid, fence, scope_key, scope_keys, state, account, strategy, symbol, side, quantity,
      order_type, limit_price, stop_price, tif, source, tags, digest, created_at, updated_at, host,
-     pid, runner, thread, task, broker_order_id, filled, avg, released, closed, note, miss, attempt_id) = row
+     pid, runner, thread, task, broker_order_id, filled, avg, released, closed, note, miss, attempt_id,
+     send_by_at, owner_started) = row
     return IntentRecord(
         id=id_, client_order_id=coid, fence=int(fence), scope_key=scope_key,
         scope_keys=tuple(scope_keys.split("\n")) if scope_keys else (scope_key,), state=State(state), account=account,
@@ -34,7 +35,8 @@ def intent_from_row(row: Sequence[Any]) -> IntentRecord:
         runner=runner, thread=thread, task=task, broker_order_id=broker_order_id,
         filled_quantity=Decimal(filled), average_price=_dec(avg), released=bool(released),
         closed=bool(closed), note=note, first_miss_at=None if miss is None else float(miss),
-        attempt_id=attempt_id,
+        attempt_id=attempt_id, send_by_at=None if send_by_at is None else float(send_by_at),
+        owner_started=owner_started,
     )
 
 
@@ -56,7 +58,7 @@ def attempt_from_row(row: Sequence[Any]) -> AttemptRecord:
 
 def new_intent_record(
     intent: OrderIntent, intent_id: str, coid: str, fence: int, scope_keys: tuple[str, ...],
-    state: State, caller: Caller, now: float, attempt_id: int,
+    state: State, caller: Caller, now: float, attempt_id: int, send_by_at: float | None,
 ) -> IntentRecord:
     return IntentRecord(
         id=intent_id, client_order_id=coid, fence=fence, scope_key=scope_keys[0],
@@ -66,15 +68,17 @@ def new_intent_record(
         stop_price=intent.stop_price, time_in_force=intent.time_in_force.value,
         source=intent.source, tags=dict(intent.tags), payload_digest=intent.payload_digest(),
         created_at=now, updated_at=now, host=caller.host, pid=caller.pid, runner=caller.runner,
-        thread=caller.thread, task=caller.task, attempt_id=attempt_id,
+        thread=caller.thread, task=caller.task, attempt_id=attempt_id, send_by_at=send_by_at,
+        owner_started=caller.started,
     )
 
 
 def intent_row(
     intent: OrderIntent, intent_id: str, scope_keys: tuple[str, ...], state: State, caller: Caller, now: float,
+    send_by_at: float | None = None,
 ) -> list[Any]:
     """Insert parameters of a new intent in INTENT_COLUMNS order, with the client order id
-    (index 1), fence (2) and attempt id (last) left for the claim transaction to fill in."""
+    (index 1), fence (2) and attempt id (ATTEMPT_SLOT) left for the claim transaction to fill in."""
     return [
         # scope_keys is stored only when there are several (rows stay short: fewer page splits)
         intent_id, None, None, scope_keys[0], "\n".join(scope_keys) if len(scope_keys) > 1 else "",
@@ -84,8 +88,11 @@ def intent_row(
         intent.time_in_force.value, intent.source,
         json.dumps(intent.tags, sort_keys=True) if intent.tags else "{}", intent.payload_digest(),
         now, now, caller.host, caller.pid, caller.runner, caller.thread, caller.task, None, "0", None,
-        0, 0, None, None, None,
+        0, 0, None, None, None, send_by_at, caller.started,
     ]
+
+
+ATTEMPT_SLOT = -3  # where intent_row leaves the attempt id
 
 
 def attempt_row(

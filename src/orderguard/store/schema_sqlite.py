@@ -56,7 +56,9 @@ CREATE TABLE IF NOT EXISTS intents (
     closed          INTEGER NOT NULL DEFAULT 0,
     note            TEXT,
     first_miss_at   REAL,
-    attempt_id      INTEGER NOT NULL
+    attempt_id      INTEGER NOT NULL,
+    send_by_at      REAL,
+    owner_started   TEXT NOT NULL
 ) WITHOUT ROWID;
 -- Ids are time-ordered, so the primary key is also the time index. Every b-tree a claim writes
 -- costs commit time, so the claim writes four: scopes, intents, its client-order-id index and
@@ -95,7 +97,7 @@ INTENT_COLUMNS = (
     "id, client_order_id, fence, scope_key, scope_keys, state, account, strategy, symbol, side, "
     "quantity, order_type, limit_price, stop_price, time_in_force, source, tags, payload_digest, "
     "created_at, updated_at, host, pid, runner, thread, task, broker_order_id, filled_quantity, "
-    "average_price, released, closed, note, first_miss_at, attempt_id"
+    "average_price, released, closed, note, first_miss_at, attempt_id, send_by_at, owner_started"
 )
 
 ATTEMPT_COLUMNS = (

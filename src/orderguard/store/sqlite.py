@@ -31,6 +31,7 @@ from ..messages import block_message
 from ..policies import ScopeKind, ScopeRule
 from ..states import PENDING, TERMINAL, State, can_transition, releases
 from .base import (
+    DEFAULT_SEND_DEADLINE,
     SCHEMA_VERSION,
     AttemptRecord,
     BlockReason,
@@ -44,7 +45,7 @@ from .base import (
     fence_text,
     new_intent_id,
 )
-from .rows import attempt_from_row, attempt_row, intent_from_row, intent_row, new_intent_record
+from .rows import ATTEMPT_SLOT, attempt_from_row, attempt_row, intent_from_row, intent_row, new_intent_record
 from .schema_sqlite import ATTEMPT_COLUMNS, INTENT_COLUMNS, SCHEMA_V1
 
 if TYPE_CHECKING:
@@ -211,6 +212,7 @@ class SQLiteStore(Store):
         caller: Caller,
         *,
         state: State = State.SENDING,
+        send_deadline: float | None = DEFAULT_SEND_DEADLINE,
     ) -> ClaimDecision:
         # Everything that does not need the lock is prepared first: the transaction holds the
         # file's write lock, so each microsecond in it is a microsecond every other writer waits.
@@ -222,7 +224,8 @@ class SQLiteStore(Store):
         keys = tuple(rule.key for rule in rules)
         intent_id = new_intent_id()
         head = client_order_id_head(self.namespace, keys[0])
-        params = intent_row(intent, intent_id, keys, state, caller, now)
+        send_by_at = None if send_deadline is None else now + send_deadline
+        params = intent_row(intent, intent_id, keys, state, caller, now, send_by_at)
         with self._db.write("claim") as conn:
             fence = 0
             for index, rule in enumerate(rules):
@@ -245,9 +248,9 @@ class SQLiteStore(Store):
             coid = f"{head}-{fence_text(fence)}"
             row = attempt_row(now, "CLAIMED", None, intent_id, None, keys[0], caller, intent, "")
             attempt_id = conn.execute(_INSERT_ATTEMPT, row).fetchone()[0]
-            params[1], params[2], params[-1] = coid, fence, attempt_id
+            params[1], params[2], params[ATTEMPT_SLOT] = coid, fence, attempt_id
             conn.execute(_INSERT_INTENT, params)
-        record = new_intent_record(intent, intent_id, coid, fence, keys, state, caller, now, attempt_id)
+        record = new_intent_record(intent, intent_id, coid, fence, keys, state, caller, now, attempt_id, send_by_at)
         message = f"CLAIMED {intent.describe()} from {intent.source} as {coid} (fence {fence})"
         return ClaimDecision(claimed=True, attempt_id=attempt_id, intent=record, message=message, rules=rules)
 
@@ -339,10 +342,11 @@ class SQLiteStore(Store):
     def mark_closed(self, intent_id: str) -> IntentRecord:
         with self._db.write("mark closed") as conn:
             current = self._current(conn, intent_id)
-            if current.state in (State.UNKNOWN, *PENDING):
+            done_with_fill = current.state in TERMINAL and current.filled_quantity > 0
+            if not done_with_fill:
                 raise InvalidTransition(
-                    f"intent {intent_id} is {current.state.value}: its outcome is not known, so its "
-                    "position cannot be marked closed; reconcile it first"
+                    f"intent {intent_id} is {current.state.value} with {current.filled_quantity} filled: only "
+                    "a finished order that filled opened a position that can be closed (cancel or reconcile it first)"
                 )
             conn.execute("UPDATE intents SET closed = 1, updated_at = ? WHERE id = ?", (self.now(), intent_id))
             conn.execute("DELETE FROM holds WHERE intent_id = ?", (intent_id,))
