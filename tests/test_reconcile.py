@@ -7,8 +7,6 @@ is read from the venue's order log.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,9 +18,8 @@ import pytest
 from orderguard import BlockReason, Ever, FencedOut, Guard, OncePer, Outcome, State, SubmitResult
 from orderguard.brokers import OrderRequest, OrderStatus, PaperBroker, PaperFaults, Position, VenueDedupe
 from orderguard.reconcile import Drift
-from orderguard.store.base import Caller, this_host
 
-from .helpers import make_intent
+from .helpers import dead_caller, make_intent
 
 POLICY = OncePer(Ever())
 LAG = 0.3  # the venue's lookup lag, where there is one
@@ -265,12 +262,6 @@ def test_a_live_owners_sending_intent_is_left_alone_until_the_venue_shows_it(
     assert result.intent.fence == resolved.fence
     assert guard.intent(rec.id) == resolved
     assert len(broker.orders()) == 1
-
-
-def dead_caller() -> Caller:
-    """The identity of a process that has exited (as a crashed owner leaves in the ledger)."""
-    pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True).stdout)
-    return Caller(host=this_host(), pid=pid, runner="crashed", thread="MainThread", started="exited")
 
 
 def test_stale_sending_that_never_reached_the_venue_becomes_not_found(guard: Guard, broker: PaperBroker) -> None:

@@ -57,8 +57,8 @@ from orderguard import (
     TradingDay,
 )
 from orderguard.brokers import OrderRequest, OrderStatus, PaperBroker, PaperFaults, VenueDedupe
-from orderguard.store.base import Caller, IntentRecord, TransitionFields
-from tests.helpers import make_intent
+from orderguard.store.base import IntentRecord, TransitionFields
+from tests.helpers import dead_caller, make_intent
 
 # ------------------------------------------------------------------------------ the world
 
@@ -373,7 +373,7 @@ class GuardedVenue(RuleBasedStateMachine):
         """A process commits its claim, maybe sends, and is killed before recording anything."""
 
         def call():  # type: ignore[no-untyped-def]
-            decision = self.g.store.claim(intent, self.policies, Caller.current("doomed"), state=state)
+            decision = self.g.store.claim(intent, self.policies, dead_caller(), state=state)
             return decision.claimed, decision.intent, decision
 
         decision = self.attempt(intent, call)
