@@ -43,6 +43,7 @@ class ScopeRule:
     policy: str  # the policy as written, for messages
     limit: int = 1  # OPEN: how many may be open at once
     seconds: float = 0.0  # COOLDOWN: the quiet period
+    base: str = ""  # ONCE with a rolling window: the key up to its window ("once|...|@")
 
 
 # ---------------------------------------------------------------------------------- windows
@@ -220,7 +221,8 @@ class OncePer(Policy):
 
     def rule(self, intent: OrderIntent, now: datetime) -> ScopeRule:
         key = scope_key(ScopeKind.ONCE, self.by, intent, self.window.key(now))
-        return ScopeRule(ScopeKind.ONCE, key, repr(self))
+        base = "" if isinstance(self.window, Ever) else key[: key.rindex("|@") + 2]
+        return ScopeRule(ScopeKind.ONCE, key, repr(self), base=base)
 
     def __repr__(self) -> str:
         return f"OncePer({self.window!r}, by={self.by})"
@@ -290,6 +292,15 @@ def as_policies(policy: PolicyArg | None) -> tuple[Policy, ...]:
     policies = (policy,) if isinstance(policy, Policy) else tuple(policy)
     if not policies or not all(isinstance(p, Policy) for p in policies):
         raise InvalidPolicy(f"policy must be a Policy or a list of them, got {policy!r}")
+    seen: dict[tuple[str, tuple[str, ...], str], Policy] = {}
+    for p in policies if len(policies) > 1 else ():
+        # Two policies that map every intent to the same scope would fight over one row.
+        window = repr(p.window) if isinstance(p, OncePer) else ""
+        kind = ScopeKind.ONCE if isinstance(p, OncePer) else ScopeKind.COOLDOWN if isinstance(p, Cooldown) else ScopeKind.OPEN
+        shape = (kind.value, p.by, window)
+        if shape in seen:
+            raise InvalidPolicy(f"{seen[shape]!r} and {p!r} guard the same scope; keep one of them")
+        seen[shape] = p
     return policies
 
 

@@ -257,3 +257,37 @@ def test_an_unusable_clock_fails_closed_and_records_nothing(make_store: StoreFac
     with pytest.raises(ClockError):
         store.claim(make_intent(), ONCE, CALLER)
     assert store.intents() == [] and store.attempts() == []
+
+
+def test_an_unknown_intent_still_blocks_after_its_window_rolls_over(make_store: StoreFactory, clock: FakeClock) -> None:
+    store = make_store(clock=clock)
+    policy = [OncePer(TradingDay("XNYS"), by=("strategy",))]
+    rec = store.claim(make_intent(), policy, CALLER).intent
+    assert rec is not None
+    rec = store.transition(rec.id, rec.fence, State.UNKNOWN, TransitionFields(note="ack timeout"))
+    clock.advance(86400)  # the next session: a new window, but the old order may have executed
+    carried = store.claim(make_intent(), policy, CALLER)
+    assert carried.reason is BlockReason.UNKNOWN_PENDING and carried.holder and carried.holder.id == rec.id
+    assert carried.rule is not None and carried.rule.key != rec.scope_key
+    store.transition(rec.id, rec.fence, State.NOT_FOUND, take_over=True)  # reconciled: never placed
+    assert store.claim(make_intent(), policy, CALLER).claimed
+
+
+def test_two_policies_on_one_scope_are_refused_before_anything_is_written(store: Store) -> None:
+    from orderguard import InvalidPolicy
+    from orderguard.policies import as_policies
+
+    with pytest.raises(InvalidPolicy, match="same scope"):
+        as_policies([OneOpen(by=("symbol",)), MaxOpen(3, by=("symbol",))])
+    assert store.attempts() == []
+
+
+@pytest.mark.parametrize("state", [State.ACKED, State.PARTIALLY_FILLED, State.SENDING])
+def test_only_a_finished_fill_can_be_marked_closed(store: Store, state: State) -> None:
+    rec = store.claim(make_intent(), [OneOpen()], CALLER).intent
+    assert rec is not None
+    if state is not State.SENDING:
+        rec = store.transition(rec.id, rec.fence, state, TransitionFields(filled_quantity=Decimal(1)))
+    with pytest.raises(InvalidTransition, match="cannot be closed"):
+        store.mark_closed(rec.id)
+    assert store.claim(make_intent(), [OneOpen()], CALLER).reason is BlockReason.IN_FLIGHT

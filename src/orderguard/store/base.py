@@ -285,6 +285,20 @@ def explain_block(
     return (BlockReason.OPEN_POSITION if rule.limit == 1 else BlockReason.MAX_OPEN), latest
 
 
+def unknown_from_earlier_window(
+    rules: Sequence[ScopeRule], unknown: Sequence[IntentRecord]
+) -> tuple[ScopeRule, IntentRecord] | None:
+    """An UNKNOWN intent of the same scope in an earlier window still blocks (invariant 4):
+    its order may have executed, and a retry that crosses a window boundary must not send
+    a second one before reconciliation says what happened."""
+    for rule in rules:
+        if rule.base:
+            for rec in unknown:
+                if any(k.startswith(rule.base) and k != rule.key for k in rec.scope_keys):
+                    return rule, rec
+    return None
+
+
 class Store(ABC):
     """A transactional ledger of intents and attempts. Safe to share between threads."""
 

@@ -44,6 +44,7 @@ from .base import (
     explain_block,
     fence_text,
     new_intent_id,
+    unknown_from_earlier_window,
 )
 from .rows import ATTEMPT_SLOT, attempt_from_row, attempt_row, intent_from_row, intent_row, new_intent_record
 from .schema_sqlite import ATTEMPT_COLUMNS, INTENT_COLUMNS, SCHEMA_V1
@@ -227,24 +228,28 @@ class SQLiteStore(Store):
         send_by_at = None if send_deadline is None else now + send_deadline
         params = intent_row(intent, intent_id, keys, state, caller, now, send_by_at)
         with self._db.write("claim") as conn:
+            refusal = self._unknown_carried_over(conn, rules)
             fence = 0
-            for index, rule in enumerate(rules):
+            for index, rule in enumerate(() if refusal else rules):
                 token = self._take(conn, rule, intent_id, now)
                 if token is None:
                     reason, holder = explain_block(rule, intent, self._holders(conn, rule))
-                    message = block_message(reason, intent, rule, holder)
-                    holder_id = holder.id if holder else None
-                    row = attempt_row(now, "BLOCKED", reason, None, holder_id, rule.key, caller, intent, message)
+                    refusal = (rule, reason, holder)
                     if index:  # an earlier rule already wrote: undo it, keep only the attempt
                         conn.execute("ROLLBACK")
                         conn.execute("BEGIN IMMEDIATE")
-                    attempt_id = conn.execute(_INSERT_ATTEMPT, row).fetchone()[0]
-                    return ClaimDecision(
-                        claimed=False, attempt_id=attempt_id, reason=reason, holder=holder,
-                        rule=rule, message=message, rules=rules,
-                    )
+                    break
                 if index == 0:
                     fence = token
+            if refusal is not None:
+                rule, reason, holder = refusal
+                message = block_message(reason, intent, rule, holder)
+                row = attempt_row(now, "BLOCKED", reason, None, holder.id if holder else None, rule.key, caller, intent, message)
+                attempt_id = conn.execute(_INSERT_ATTEMPT, row).fetchone()[0]
+                return ClaimDecision(
+                    claimed=False, attempt_id=attempt_id, reason=reason, holder=holder,
+                    rule=rule, message=message, rules=rules,
+                )
             coid = f"{head}-{fence_text(fence)}"
             row = attempt_row(now, "CLAIMED", None, intent_id, None, keys[0], caller, intent, "")
             attempt_id = conn.execute(_INSERT_ATTEMPT, row).fetchone()[0]
@@ -253,6 +258,16 @@ class SQLiteStore(Store):
         record = new_intent_record(intent, intent_id, coid, fence, keys, state, caller, now, attempt_id, send_by_at)
         message = f"CLAIMED {intent.describe()} from {intent.source} as {coid} (fence {fence})"
         return ClaimDecision(claimed=True, attempt_id=attempt_id, intent=record, message=message, rules=rules)
+
+    @staticmethod
+    def _unknown_carried_over(
+        conn: sqlite3.Connection, rules: tuple[ScopeRule, ...]
+    ) -> tuple[ScopeRule, BlockReason, IntentRecord | None] | None:
+        if not any(rule.base for rule in rules):
+            return None
+        rows = conn.execute(f"SELECT {INTENT_COLUMNS} FROM intents WHERE state = 'UNKNOWN'").fetchall()
+        found = unknown_from_earlier_window(rules, [intent_from_row(r) for r in rows]) if rows else None
+        return None if found is None else (found[0], BlockReason.UNKNOWN_PENDING, found[1])
 
     @staticmethod
     def _take(conn: sqlite3.Connection, rule: ScopeRule, intent_id: str, now: float) -> int | None:
@@ -345,8 +360,9 @@ class SQLiteStore(Store):
             done_with_fill = current.state in TERMINAL and current.filled_quantity > 0
             if not done_with_fill:
                 raise InvalidTransition(
-                    f"intent {intent_id} is {current.state.value} with {current.filled_quantity} filled: only "
-                    "a finished order that filled opened a position that can be closed (cancel or reconcile it first)"
+                    f"intent {intent_id} is {current.state.value} with {current.filled_quantity} filled, so its "
+                    "position cannot be closed yet: only a finished order that filled opened one (cancel or "
+                    "reconcile it first)"
                 )
             conn.execute("UPDATE intents SET closed = 1, updated_at = ? WHERE id = ?", (self.now(), intent_id))
             conn.execute("DELETE FROM holds WHERE intent_id = ?", (intent_id,))
