@@ -28,8 +28,12 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 from datetime import date, datetime
@@ -57,7 +61,7 @@ from orderguard import (
     TradingDay,
 )
 from orderguard.brokers import OrderRequest, OrderStatus, PaperBroker, PaperFaults, VenueDedupe
-from orderguard.store.base import IntentRecord, TransitionFields
+from orderguard.store.base import Caller, IntentRecord, TransitionFields, process_start, this_host
 from tests.helpers import dead_caller, make_intent
 
 # ------------------------------------------------------------------------------ the world
@@ -168,8 +172,23 @@ class GuardedVenue(RuleBasedStateMachine):
         self.guard: Guard | None = None
         self.broker: PaperBroker | None = None
         self.seq: dict[str, int] = {}  # intent id -> order in which it was claimed
-        self.orphans: list[tuple[IntentRecord, float]] = []  # crashed, unsent claims + claim time (real)
+        self.orphans: list[tuple[IntentRecord, float]] = []  # paused owners' unsent claims + claim time
         self.last_send = 0.0  # time.monotonic() of the last order that reached the venue
+        self.paused: subprocess.Popen[bytes] | None = None  # a real, stopped process owning the orphans
+
+    def paused_owner(self) -> Caller:
+        """The identity of a live process that is frozen (SIGSTOP) with unsent claims."""
+        if self.paused is None:
+            self.paused = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+            os.kill(self.paused.pid, signal.SIGSTOP)
+        pid = self.paused.pid
+        return Caller(host=this_host(), pid=pid, runner="paused", thread="MainThread", started=process_start(pid))
+
+    def paused_owner_dies(self) -> None:
+        if self.paused is not None:
+            self.paused.kill()
+            self.paused.wait()
+            self.paused = None
 
     # ------------------------------------------------------------------------ setup
 
@@ -195,6 +214,7 @@ class GuardedVenue(RuleBasedStateMachine):
         )
 
     def teardown(self) -> None:
+        self.paused_owner_dies()
         if self.guard is not None:
             self.guard.close()
         if self.broker is not None:
@@ -230,6 +250,9 @@ class GuardedVenue(RuleBasedStateMachine):
             if policy is ONCE:
                 window = session_of(now)
                 if any(session_of(r.created_at) == window and not releases(r) for r in scope):
+                    return True
+                # An UNKNOWN intent of an earlier session still blocks: it may have executed.
+                if any(r.state is State.UNKNOWN for r in scope):
                     return True
             elif policy is COOLDOWN:
                 if scope:
@@ -372,8 +395,11 @@ class GuardedVenue(RuleBasedStateMachine):
     def crash_after_claim(self, intent: OrderIntent, state: State, sent: bool) -> None:
         """A process commits its claim, maybe sends, and is killed before recording anything."""
 
+        # A process that sent is killed (dead); one that did not send is frozen and may wake up.
+        owner = dead_caller() if sent else self.paused_owner()
+
         def call():  # type: ignore[no-untyped-def]
-            decision = self.g.store.claim(intent, self.policies, dead_caller(), state=state)
+            decision = self.g.store.claim(intent, self.policies, owner, state=state)
             return decision.claimed, decision.intent, decision
 
         decision = self.attempt(intent, call)
@@ -442,7 +468,8 @@ class GuardedVenue(RuleBasedStateMachine):
         """Let every pending claim go stale (and every sender past its deadline), then reconcile:
         nothing may stay pending, unresolved or drifting."""
         newest = max((r.created_at for r in self.ledger()), default=0.0)
-        self.jump(max(0.0, newest + STALE_AFTER + 1 - self.clock()) + extra)
+        self.jump(max(0.0, newest + SEND_DEADLINE + STALE_AFTER + 1 - self.clock()) + extra)
+        self.paused_owner_dies()  # a frozen owner of a claim() body is freed only by its death
         report = self.g.reconcile(self.b, grace=GRACE, stale_after=STALE_AFTER, wait=True)
         for d in report.decisions:
             event(f"settle: {d.before.value} -> {d.after.value if d.after else '-'}")

@@ -7,6 +7,7 @@ safety: a child process never touches its parent's connections.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
@@ -22,7 +23,73 @@ if TYPE_CHECKING:
 SYNCHRONOUS_MODES = ("FULL", "NORMAL", "EXTRA")
 SQLITE_BUSY, SQLITE_LOCKED = 5, 6
 log = logging.getLogger("orderguard")
-_INHERITED: list[sqlite3.Connection] = []  # a forked child's copies of its parent's connections
+_INHERITED: list[sqlite3.Connection] = []
+
+
+class _ForkGate:
+    """Keeps fork() out of every SQLite call of this process.
+
+    SQLite keeps per-process lock bookkeeping for each open file; a child forked while another
+    thread is inside a transaction inherits "a sibling holds the lock" and can never write.
+    Every SQLite call runs inside ``gate.use()``; a fork waits until none is in progress.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._active = 0
+        self._forking = False
+        self._mine = threading.local()
+
+    @contextmanager
+    def use(self) -> Iterator[None]:
+        mine = getattr(self._mine, "n", 0)
+        if mine == 0:
+            with self._cond:
+                while self._forking:
+                    self._cond.wait()
+                self._active += 1
+        self._mine.n = mine + 1
+        try:
+            yield
+        finally:
+            self._mine.n = mine
+            if mine == 0:
+                with self._cond:
+                    self._active -= 1
+                    if not self._active:
+                        self._cond.notify_all()
+
+    def before_fork(self) -> None:
+        self._cond.acquire()
+        self._forking = True
+        own = 1 if getattr(self._mine, "n", 0) else 0  # a thread forking from inside a call
+        while self._active > own:
+            self._cond.wait()
+
+    def after_fork_in_parent(self) -> None:
+        self._forking = False
+        self._cond.notify_all()
+        self._cond.release()
+
+
+_GATE = _ForkGate()
+
+
+# The handlers look _GATE up at fork time: a child gets a fresh gate and may fork again.
+def _before_fork() -> None:
+    _GATE.before_fork()
+
+
+def _after_fork_in_parent() -> None:
+    _GATE.after_fork_in_parent()
+
+
+def _after_fork_in_child() -> None:
+    global _GATE
+    _GATE = _ForkGate()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)  # a forked child's copies of its parent's connections
 
 
 class SQLiteFile:
@@ -43,6 +110,7 @@ class SQLiteFile:
         self.busy_timeout = float(busy_timeout)
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
+        self._owners: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._all_lock = threading.Lock()
         self._pid = os.getpid()
         # Without autocheckpoint the owner runs start_checkpointer(): checkpoints off its hot path.
@@ -77,19 +145,33 @@ class SQLiteFile:
             self._pid = pid
             self._local = threading.local()
             self._all = []
+            self._owners = []
             if self._checkpointer is not None:  # threads do not survive fork()
                 self.start_checkpointer(*self._checkpointer)
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = self._connect()
+            with _GATE.use():
+                conn = self._connect()
             self._local.conn = conn
+            me = threading.current_thread()
             with self._all_lock:
-                self._all.append(conn)
+                # Threads come and go (thread-per-order code): close what dead threads left.
+                dead = [c for t, c in self._owners if not t.is_alive()]
+                self._owners = [(t, c) for t, c in self._owners if t.is_alive()] + [(me, conn)]
+                self._all = [c for _, c in self._owners]
+            for stale in dead:
+                with contextlib.suppress(sqlite3.Error):
+                    stale.close()
         return conn
 
     @contextmanager
     def write(self, what: str) -> Iterator[sqlite3.Connection]:
         """One ``BEGIN IMMEDIATE ... COMMIT``; rolled back on any error."""
+        with _GATE.use(), self._write(what) as conn:
+            yield conn
+
+    @contextmanager
+    def _write(self, what: str) -> Iterator[sqlite3.Connection]:
         conn = self.conn()
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -107,10 +189,11 @@ class SQLiteFile:
             raise
 
     def read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        try:
-            return self.conn().execute(sql, params).fetchall()
-        except sqlite3.DatabaseError as exc:
-            raise self.translate(exc, "read") from exc
+        with _GATE.use():
+            try:
+                return self.conn().execute(sql, params).fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise self.translate(exc, "read") from exc
 
     def start_checkpointer(self, limit: int, interval: float = 0.2) -> None:
         """Keep the WAL short from a daemon thread of this process (restarted after fork).
@@ -136,6 +219,10 @@ class SQLiteFile:
 
     def checkpoint(self, limit: int) -> None:
         """One round of the checkpointer: PASSIVE, then RESTART if the WAL is still over ``limit``."""
+        with _GATE.use():
+            self._checkpoint(limit)
+
+    def _checkpoint(self, limit: int) -> None:
         conn = self.conn()
         try:
             _, wal_frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
@@ -177,7 +264,7 @@ class SQLiteFile:
             self._checkpointer_stop.set()
             self._checkpointer = None
         with self._all_lock:
-            conns, self._all = self._all, []
+            conns, self._all, self._owners = self._all, [], []
         if os.getpid() == self._pid:
             for conn in conns:
                 with suppress(sqlite3.Error):

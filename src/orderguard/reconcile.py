@@ -208,8 +208,10 @@ def reconcile(store: Store, broker: Broker, *, grace: float, stale_after: float,
         if missed is not None:
             misses.append(missed)
     if misses and wait:
+        # Sleep out what is left of the grace, never more than the grace itself: a clock that
+        # stepped back (NTP) must not turn a lookup lag into a long stall.
         wake = max((m.first_miss_at or now) + grace for m in misses)
-        time.sleep(max(0.0, wake - store.now()))
+        time.sleep(min(grace, max(0.0, wake - store.now())))
     now = store.now()
     for rec in misses:
         try:

@@ -75,7 +75,7 @@ def test_not_a_database_and_unreachable_paths(tmp_path: Path) -> None:
         SQLiteStore(str(junk))
     with pytest.raises(StoreUnavailable):
         SQLiteStore(str(tmp_path / "missing-dir" / "l.db"))
-    with pytest.raises(StoreUnavailable, match="orderguard migrate"):
+    with pytest.raises(StoreUnavailable, match="create=True"):
         SQLiteStore(str(tmp_path / "absent.db"), create=False)
     assert junk.read_bytes() == b"this is not sqlite" * 100  # nothing overwritten
 
@@ -148,3 +148,47 @@ def test_safe_across_fork(tmp_path: Path) -> None:
     assert store.claim(make_intent(symbol="PARENT2"), policy, Caller.current("p")).claimed
     assert {r.symbol for r in store.intents()} == {"PARENT1", "CHILD", "PARENT2"}
     assert {a.pid for a in store.attempts()} == {os.getpid(), pid}
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX-only")
+def test_fork_while_another_thread_is_inside_a_transaction(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    store = SQLiteStore(str(tmp_path / "l.db"), busy_timeout=2.0)
+    policy = [OncePer(Ever(), by=("symbol",))]
+    inside = threading.Event()
+
+    def long_transaction() -> None:  # e.g. a worker thread's claim, mid-commit when fork() comes
+        with store._db.write("another thread's claim"):
+            inside.set()
+            time.sleep(0.5)
+
+    worker = threading.Thread(target=long_transaction)
+    worker.start()
+    inside.wait(5)
+    pid = os.fork()  # waits for the transaction to finish instead of copying a held lock
+    if pid == 0:
+        code = 3
+        try:
+            code = 0 if store.claim(make_intent(symbol="CHILD"), policy, Caller.current("c")).claimed else 1
+        except BaseException:
+            code = 2
+        os._exit(code)
+    worker.join()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0  # StoreLocked forever before the fork gate
+    assert [r.symbol for r in store.intents()] == ["CHILD"]
+
+
+def test_connections_of_finished_threads_are_closed(tmp_path: Path) -> None:
+    import threading
+
+    store = SQLiteStore(str(tmp_path / "l.db"))
+    policy = [OncePer(Ever(), by=("symbol",))]
+    for i in range(200):  # thread-per-order code
+        t = threading.Thread(target=store.claim, args=(make_intent(symbol=f"S{i}"), policy, Caller.current("t")))
+        t.start()
+        t.join()
+    assert len(store._db._all) <= 3  # this thread, the checkpointer, the last worker's at most
+    assert len(store.intents()) == 200

@@ -8,6 +8,7 @@ claim is one durable commit (``synchronous=FULL`` by default).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import uuid
@@ -55,6 +56,8 @@ if TYPE_CHECKING:
 
     from ..intent import OrderIntent
     from ..policies import Policy
+
+log = logging.getLogger("orderguard")
 
 # File systems whose byte-range locks SQLite cannot rely on (sqlite.org/useovernet.html).
 # A background thread keeps the WAL under this size, so no claim ever runs a checkpoint.
@@ -164,13 +167,17 @@ class SQLiteStore(Store):
         clock: Callable[[], float] = time.time,
         create: bool = True,
     ) -> None:
+        # Absolute, and said once: two runners that resolve a relative path from different
+        # working directories (a deploy's old and new release) would guard with two ledgers.
+        path = os.path.abspath(path)
         self.path = path
+        log.info("orderguard ledger: %s (synchronous=%s)", path, synchronous.upper())
         self._db = SQLiteFile(path, synchronous=synchronous, busy_timeout=busy_timeout, autocheckpoint=False)
         self.synchronous = self._db.synchronous
         self._clock = clock
         refuse_network_filesystem(path)
         if not create and not os.path.exists(path):
-            raise StoreUnavailable(f"no ledger at {path!r}; run `orderguard migrate` to create one")
+            raise StoreUnavailable(f"no ledger at {path!r}; open it with create=True to create one")
         self.namespace = self._open_schema(create)
         self._db.start_checkpointer(WAL_LIMIT)
 
@@ -178,7 +185,7 @@ class SQLiteStore(Store):
         rows = self._db.read("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'meta'")
         if not rows:
             if not create:
-                raise SchemaMismatch(f"{self.path!r} is not an orderguard ledger; run `orderguard migrate`")
+                raise SchemaMismatch(f"{self.path!r} is not an orderguard ledger (no meta table); nothing was changed")
             with self._db.write("schema creation") as conn:
                 self._db.run_script(conn, SCHEMA_V1)
                 conn.execute(
@@ -192,7 +199,7 @@ class SQLiteStore(Store):
             raise SchemaMismatch(
                 f"ledger {self.path!r} has schema version {version}; this orderguard understands "
                 f"{SCHEMA_VERSION}. "
-                + ("Upgrade orderguard on this host." if newer else "Run `orderguard migrate`.")
+                + ("Upgrade orderguard on this host." if newer else "It predates any released schema; recreate it.")
             )
         return str(meta["namespace"])
 
