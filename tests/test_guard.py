@@ -259,3 +259,33 @@ def test_resolve_and_mark_closed(guard: Guard, broker: PaperBroker) -> None:
     resolved = guard.resolve(lost.client_order_id or "", State.NOT_FOUND, note="checked the venue's blotter")
     assert resolved.state is State.NOT_FOUND and resolved.fence > lost.intent.fence  # type: ignore[union-attr]
     assert "operator" in (resolved.note or "")
+
+
+def test_reconcile_never_frees_a_decorated_call_that_is_still_running(guard: Guard, broker: PaperBroker) -> None:
+    runs: list[str] = []
+
+    @guard.once(policy=ONCE, intent=make_intent())
+    def slow_entry() -> None:
+        runs.append("ran")
+        # Meanwhile an operator (or cron) reconciles as aggressively as it can.
+        report = guard.reconcile(broker, grace=0, stale_after=0)
+        assert report.decisions == []
+        assert [d.before for d in report.unresolved] == [State.CLAIMED]
+        assert "controls the send" in report.unresolved[0].why
+        assert not guard.submit(make_intent(), broker, policy=ONCE)  # still held
+
+    slow_entry()
+    assert runs == ["ran"] and guard.intents()[0].state is State.ACKED
+    assert not slow_entry() and runs == ["ran"]
+
+
+def test_decorated_call_taken_over_meanwhile_keeps_the_takeover(guard: Guard) -> None:
+    @guard.once(policy=ONCE, intent=make_intent())
+    def entry() -> str:
+        rec = guard.intents()[0]
+        guard.resolve(rec.id, State.FILLED, note="filled by hand while the bot hung")
+        return "done"
+
+    assert entry() == "done"  # the function returned; its late ACKED is refused, not raised
+    rec = guard.intents()[0]
+    assert rec.state is State.FILLED and "operator" in (rec.note or "")
