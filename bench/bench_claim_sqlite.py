@@ -55,6 +55,7 @@ from typing import Any
 from orderguard import Ever, Guard, OncePer, OrderIntent, State, TradingDay
 from orderguard import __version__ as orderguard_version
 from orderguard.store.base import Caller
+from orderguard.store.rows import ATTEMPT_SLOT
 from orderguard.store.sqlite import filesystem_type
 
 RAW_SCHEMA = "CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY, holder TEXT NOT NULL, at REAL NOT NULL)"
@@ -192,7 +193,7 @@ def replay_runner(conn: sqlite3.Connection, items: list[Any]) -> Any:
             t0 = clock()
             ex("BEGIN IMMEDIATE")
             ex(upsert, scope).fetchone()
-            intent[-1] = ex(insert_attempt, attempt).fetchone()[0]
+            intent[ATTEMPT_SLOT] = ex(insert_attempt, attempt).fetchone()[0]
             ex(insert_intent, intent)
             ex("COMMIT")
             out.append(clock() - t0)

@@ -117,6 +117,8 @@ class SQLiteFile:
         self.autocheckpoint = autocheckpoint
         self._checkpointer: tuple[int, float] | None = None
         self._checkpointer_stop: threading.Event | None = None
+        self._checkpointer_thread: threading.Thread | None = None
+        self._closed = False
         self._page = 0
 
     def _connect(self) -> sqlite3.Connection:
@@ -137,6 +139,8 @@ class SQLiteFile:
 
     def conn(self) -> sqlite3.Connection:
         """This thread's connection (a new one after fork)."""
+        if self._closed:
+            raise StoreUnavailable(f"{self.label} {self.path!r} was closed; open it again to use it")
         pid = os.getpid()
         if pid != self._pid:
             # Closing or garbage-collecting the parent's connections here could disturb its
@@ -202,28 +206,36 @@ class SQLiteFile:
         blocking anyone. Under a continuous stream of writes a passive checkpoint never catches
         up, so the WAL would grow forever (and a growing WAL makes every commit slower); once it
         holds more than ``limit`` bytes, a RESTART checkpoint briefly holds writers back while it
-        copies the few pages the passive one left, and the WAL starts over.
+        copies the few pages the passive one left, and the WAL starts over. The thread has its
+        own connection, opened and closed by itself; close() stops and joins it first.
         """
         self._checkpointer = (limit, interval)
         stop = threading.Event()
         self._checkpointer_stop = stop
 
         def loop() -> None:
-            while not stop.wait(interval):
-                try:
-                    self.checkpoint(limit)
-                except Exception as exc:  # never let housekeeping kill the process
-                    log.warning("WAL checkpoint of %s failed: %s", self.path, exc)
+            conn: sqlite3.Connection | None = None
+            try:
+                while not stop.wait(interval):
+                    try:
+                        with _GATE.use():
+                            if stop.is_set():
+                                break
+                            conn = conn or self._connect()
+                            self._checkpoint(conn, limit)
+                    except Exception as exc:  # never let housekeeping kill the process
+                        log.warning("WAL checkpoint of %s failed: %s", self.path, exc)
+            finally:
+                if conn is not None:
+                    with suppress(sqlite3.Error):
+                        conn.close()
 
-        threading.Thread(target=loop, name=f"orderguard-checkpoint:{os.path.basename(self.path)}", daemon=True).start()
+        name = f"orderguard-checkpoint:{os.path.basename(self.path)}"
+        self._checkpointer_thread = threading.Thread(target=loop, name=name, daemon=True)
+        self._checkpointer_thread.start()
 
-    def checkpoint(self, limit: int) -> None:
-        """One round of the checkpointer: PASSIVE, then RESTART if the WAL is still over ``limit``."""
-        with _GATE.use():
-            self._checkpoint(limit)
-
-    def _checkpoint(self, limit: int) -> None:
-        conn = self.conn()
+    def _checkpoint(self, conn: sqlite3.Connection, limit: int) -> None:
+        """One round: PASSIVE, then RESTART if the WAL still holds more than ``limit`` bytes."""
         try:
             _, wal_frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             if wal_frames * self._page_size(conn) > limit:
@@ -260,9 +272,17 @@ class SQLiteFile:
                 conn.execute(statement)
 
     def close(self) -> None:
+        """Stop the checkpointer (waiting for its round to end), then close every connection.
+
+        Using the file afterwards raises StoreUnavailable instead of quietly reopening it.
+        """
+        self._closed = True
         if self._checkpointer_stop is not None:
             self._checkpointer_stop.set()
             self._checkpointer = None
+            thread = self._checkpointer_thread
+            if thread is not None and thread is not threading.current_thread() and os.getpid() == self._pid:
+                thread.join(timeout=self.busy_timeout + 5)
         with self._all_lock:
             conns, self._all, self._owners = self._all, [], []
         if os.getpid() == self._pid:

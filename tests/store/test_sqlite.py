@@ -192,3 +192,23 @@ def test_connections_of_finished_threads_are_closed(tmp_path: Path) -> None:
         t.join()
     assert len(store._db._all) <= 3  # this thread, the checkpointer, the last worker's at most
     assert len(store.intents()) == 200
+
+
+def test_close_stops_the_checkpointer_and_later_use_is_refused(tmp_path: Path) -> None:
+    import random
+    import shutil
+    import time
+
+    for i in range(25):  # open, write, close on a checkpoint round (used to crash the interpreter)
+        folder = tmp_path / f"run{i}"
+        folder.mkdir()
+        store = SQLiteStore(str(folder / "l.db"), synchronous="NORMAL")
+        for k in range(3):
+            store.claim(make_intent(strategy=f"s{k}"), ONCE, Caller.current("t"))
+        time.sleep(random.uniform(0.19, 0.21))
+        checkpointer = store._db._checkpointer_thread
+        store.close()
+        assert checkpointer is not None and not checkpointer.is_alive()
+        shutil.rmtree(folder)  # nothing reopened the file behind our back
+    with pytest.raises(StoreUnavailable, match="was closed"):
+        store.intents()

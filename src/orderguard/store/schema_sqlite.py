@@ -62,7 +62,8 @@ CREATE TABLE IF NOT EXISTS intents (
 ) WITHOUT ROWID;
 -- Ids are time-ordered, so the primary key is also the time index. Every b-tree a claim writes
 -- costs commit time, so the claim writes four: scopes, intents, its client-order-id index and
--- attempts. The state index below leaves out the states a claim inserts.
+-- attempts. The state index below leaves out the states a claim inserts; a query that uses it
+-- must repeat its WHERE term verbatim (store/sqlite.py: _LIVE).
 CREATE INDEX IF NOT EXISTS intents_live ON intents(state)
     WHERE state IN ('UNKNOWN', 'ACKED', 'PARTIALLY_FILLED');
 CREATE TABLE IF NOT EXISTS attempts (

@@ -69,6 +69,8 @@ NETWORK_FILESYSTEMS = frozenset({
 })
 # A wall clock outside these bounds is broken, not merely skewed (2020-01-01 .. 2100-01-01).
 CLOCK_MIN, CLOCK_MAX = 1_577_836_800.0, 4_102_444_800.0
+# The partial index's own condition, repeated verbatim in a query so SQLite uses the index.
+_LIVE = "state IN ('UNKNOWN', 'ACKED', 'PARTIALLY_FILLED')"
 _PENDING_SQL = ", ".join(f"'{s.value}'" for s in (*PENDING, State.UNKNOWN))
 
 _CLAIM_ONCE = """
@@ -272,7 +274,7 @@ class SQLiteStore(Store):
     ) -> tuple[ScopeRule, BlockReason, IntentRecord | None] | None:
         if not any(rule.base for rule in rules):
             return None
-        rows = conn.execute(f"SELECT {INTENT_COLUMNS} FROM intents WHERE state = 'UNKNOWN'").fetchall()
+        rows = conn.execute(f"SELECT {INTENT_COLUMNS} FROM intents WHERE state = 'UNKNOWN' AND {_LIVE}").fetchall()
         found = unknown_from_earlier_window(rules, [intent_from_row(r) for r in rows]) if rows else None
         return None if found is None else (found[0], BlockReason.UNKNOWN_PENDING, found[1])
 
