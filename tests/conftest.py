@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,3 +41,18 @@ def broker(paper_url: str) -> Iterator[PaperBroker]:
     b = PaperBroker.open(paper_url)
     yield b
     b.close()
+
+
+@pytest.fixture
+def open_broker(paper_url: str) -> Iterator[Callable[..., PaperBroker]]:
+    """Open PaperBrokers on the test's venue file (closed at the end)."""
+    opened: list[PaperBroker] = []
+
+    def _open(**options: Any) -> PaperBroker:
+        b = PaperBroker.open(paper_url, **options)
+        opened.append(b)
+        return b
+
+    yield _open
+    for b in opened:
+        b.close()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -25,20 +25,6 @@ POLICY = OncePer(Ever())
 LAG = 0.3  # the venue's lookup lag, where there is one
 GRACE = 0.6  # reconcile(grace=...): longer than the lag
 DEDUPES = list(VenueDedupe)
-
-
-@pytest.fixture
-def open_broker(paper_url: str) -> Iterator[Callable[..., PaperBroker]]:
-    opened: list[PaperBroker] = []
-
-    def _open(**options: Any) -> PaperBroker:
-        b = PaperBroker.open(paper_url, **options)
-        opened.append(b)
-        return b
-
-    yield _open
-    for b in opened:
-        b.close()
 
 
 def only_intent(guard: Guard) -> Any:

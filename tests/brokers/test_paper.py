@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -61,21 +61,6 @@ def request(
         time_in_force="DAY",
         send_by=send_by,
     )
-
-
-@pytest.fixture
-def open_broker(paper_url: str) -> Iterator[Callable[..., PaperBroker]]:
-    """Open PaperBrokers on the test's venue file (closed at the end)."""
-    opened: list[PaperBroker] = []
-
-    def _open(**options: Any) -> PaperBroker:
-        b = PaperBroker.open(paper_url, **options)
-        opened.append(b)
-        return b
-
-    yield _open
-    for b in opened:
-        b.close()
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, step: float = 0.01) -> None:

@@ -111,3 +111,10 @@ def attempt_row(
 
 def _opt(value: Decimal | None) -> str | None:
     return None if value is None else canonical_decimal(value)
+
+
+def where_clause(terms: Sequence[tuple[str, Sequence[Any], bool]]) -> tuple[str, list[Any]]:
+    """``WHERE a AND b`` and its parameters, from (condition, parameters, wanted) terms."""
+    used = [(sql, params) for sql, params, wanted in terms if wanted]
+    clause = f"WHERE {' AND '.join(sql for sql, _ in used)}" if used else ""
+    return clause, [p for _, params in used for p in params]

@@ -47,7 +47,15 @@ from .base import (
     new_intent_id,
     unknown_from_earlier_window,
 )
-from .rows import ATTEMPT_SLOT, attempt_from_row, attempt_row, intent_from_row, intent_row, new_intent_record
+from .rows import (
+    ATTEMPT_SLOT,
+    attempt_from_row,
+    attempt_row,
+    intent_from_row,
+    intent_row,
+    new_intent_record,
+    where_clause,
+)
 from .schema_sqlite import ATTEMPT_COLUMNS, INTENT_COLUMNS, SCHEMA_V1
 
 if TYPE_CHECKING:
@@ -395,18 +403,11 @@ class SQLiteStore(Store):
         since: float | None = None,
         limit: int = 1000,
     ) -> list[IntentRecord]:
-        where: list[str] = []
-        params: list[object] = []
-        if states:
-            where.append(f"state IN ({', '.join('?' * len(states))})")
-            params.extend(State(s).value for s in states)
-        if strategy is not None:
-            where.append("strategy = ?")
-            params.append(strategy)
-        if since is not None:
-            where.append("created_at >= ?")
-            params.append(since)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        clause, params = where_clause([
+            (f"state IN ({', '.join('?' * len(states or ()))})", [State(x).value for x in states or ()], bool(states)),
+            ("strategy = ?", [strategy], strategy is not None),
+            ("created_at >= ?", [since], since is not None),
+        ])
         rows = self._db.read(
             f"SELECT {INTENT_COLUMNS} FROM intents {clause} ORDER BY id DESC LIMIT ?",
             (*params, int(limit)),
@@ -423,24 +424,14 @@ class SQLiteStore(Store):
         since: float | None = None,
         limit: int = 1000,
     ) -> list[AttemptRecord]:
-        where: list[str] = []
-        params: list[object] = []
-        if intent_id is not None:
-            where.append("id = (SELECT attempt_id FROM intents WHERE id = ?)")
-            params.append(intent_id)
-        if holder_id is not None:
-            where.append("holder_id = ?")
-            params.append(holder_id)
-        if blocked is not None:
-            where.append("outcome = ?")
-            params.append("BLOCKED" if blocked else "CLAIMED")
-        if reason is not None:
-            where.append("reason = ?")
-            params.append(BlockReason(reason).value)
-        if since is not None:
-            where.append("at >= ?")
-            params.append(since)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        clause, params = where_clause([
+            # A claimed attempt is found through its intent's attempt_id (no index on attempts).
+            ("id = (SELECT attempt_id FROM intents WHERE id = ?)", [intent_id], intent_id is not None),
+            ("holder_id = ?", [holder_id], holder_id is not None),
+            ("outcome = ?", ["BLOCKED" if blocked else "CLAIMED"], blocked is not None),
+            ("reason = ?", [None if reason is None else BlockReason(reason).value], reason is not None),
+            ("at >= ?", [since], since is not None),
+        ])
         rows = self._db.read(
             f"SELECT {ATTEMPT_COLUMNS} FROM attempts {clause} ORDER BY id DESC LIMIT ?",
             (*params, int(limit)),
