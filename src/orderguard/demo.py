@@ -8,6 +8,8 @@ log counts the duplicates.
 from __future__ import annotations
 
 import functools
+import json
+import logging
 import sqlite3
 import tempfile
 import threading
@@ -17,6 +19,11 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import Progress, SpinnerColumn, TextColumn
+from rich.table import Table
 
 from .brokers.base import OrderRequest
 from .brokers.paper import PaperBroker, PaperFaults
@@ -150,3 +157,54 @@ def run_demo(only: int | None = None, progress: Callable[[str], None] | None = N
                 progress(title)
             results.append(_scenario(Path(tmp), number, title, sources, latency, lose_ack))
     return results
+
+
+def main(*, scenario: int | None, as_json: bool, verbose: bool, console: Console) -> int:
+    """The ``orderguard demo`` command: run, print, and return the exit status."""
+    if scenario is not None and not 1 <= scenario <= len(SCENARIOS):
+        console.print(f"[red]no scenario {scenario}: choose 1..{len(SCENARIOS)}[/red]")
+        return 2
+    if verbose:
+        handler = RichHandler(console=Console(stderr=True), show_path=False)
+        logging.getLogger("orderguard").addHandler(handler)
+        logging.getLogger("orderguard").setLevel(logging.WARNING)
+    if as_json:
+        results = run_demo(scenario)
+    else:
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=console, transient=True) as bar:
+            task = bar.add_task("starting", total=None)
+            results = run_demo(scenario, progress=lambda title: bar.update(task, description=title))
+    ok = all(r.guarded.duplicates == 0 for r in results)
+    if as_json:
+        payload = [
+            {
+                "scenario": r.number, "title": r.title,
+                **{
+                    mode: {
+                        "attempts": run.attempts, "broker_orders": run.broker_orders,
+                        "duplicates": run.duplicates, "phantom_notional": str(run.phantom_notional),
+                        "blocked": dict(run.blocked),
+                    }
+                    for mode, run in (("unguarded", r.unguarded), ("guarded", r.guarded))
+                },
+            }
+            for r in results
+        ]
+        print(json.dumps({"ok": ok, "scenarios": payload}, indent=2))
+    else:
+        table = Table(title="Duplicate orders: naive guard vs orderguard (paper venue order log)")
+        table.add_column("#")
+        table.add_column("scenario", min_width=24, ratio=3)
+        for column in ("tries", "naive orders", "naive dups", "phantom $", "guarded orders", "guarded dups"):
+            table.add_column(column, justify="right")
+        table.add_column("blocked (guarded)", min_width=14, ratio=1)
+        for r in results:
+            table.add_row(
+                str(r.number), r.title, str(r.unguarded.attempts), str(r.unguarded.broker_orders),
+                f"[red]{r.unguarded.duplicates}[/red]", f"${r.unguarded.phantom_notional:,}",
+                str(r.guarded.broker_orders), f"[green]{r.guarded.duplicates}[/green]",
+                ", ".join(f"{k} {v}" for k, v in sorted(r.guarded.blocked.items())) or "-",
+            )
+        console.print(table)
+        console.print("[green]guarded runs: no duplicates[/green]" if ok else "[red]guarded run produced a duplicate[/red]")
+    return 0 if ok else 1
