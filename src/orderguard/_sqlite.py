@@ -12,6 +12,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
@@ -122,20 +123,27 @@ class SQLiteFile:
         self._page = 0
 
     def _connect(self) -> sqlite3.Connection:
-        try:
-            conn = sqlite3.connect(
-                self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
-            )
-            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise StoreUnavailable(f"{self.label} {self.path!r} cannot use WAL mode (got {mode})")
-            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
-            if not self.autocheckpoint:
-                conn.execute("PRAGMA wal_autocheckpoint = 0")
-        except sqlite3.DatabaseError as exc:
-            raise self.translate(exc, "open") from exc
-        return conn
+        # Switching a new file to WAL while another process creates it can be refused at once
+        # (SQLite skips the busy handler where waiting could deadlock): retry until busy_timeout.
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                conn = sqlite3.connect(
+                    self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
+                )
+                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise StoreUnavailable(f"{self.label} {self.path!r} cannot use WAL mode (got {mode})")
+                conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+                if not self.autocheckpoint:
+                    conn.execute("PRAGMA wal_autocheckpoint = 0")
+                return conn
+            except sqlite3.DatabaseError as exc:
+                busy = getattr(exc, "sqlite_errorcode", 0) & 0xFF in (SQLITE_BUSY, SQLITE_LOCKED)
+                if not busy or time.monotonic() > deadline:
+                    raise self.translate(exc, "open") from exc
+                time.sleep(0.01)
 
     def conn(self) -> sqlite3.Connection:
         """This thread's connection (a new one after fork)."""
@@ -255,7 +263,7 @@ class SQLiteFile:
         code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # primary result code
         if code in (SQLITE_BUSY, SQLITE_LOCKED):
             return StoreLocked(
-                f"{where} stayed locked by another writer for more than {self.busy_timeout:g}s "
+                f"{where} was locked by another writer (waited up to {self.busy_timeout:g}s) "
                 f"during {what}; nothing was sent. Look for a stuck process holding the file, or "
                 "raise busy_timeout."
             )
