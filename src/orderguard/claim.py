@@ -208,7 +208,8 @@ class Claim:
         record = self._move(State.UNKNOWN, TransitionFields(note=reason))
         log.error(
             "ORDER OUTCOME UNKNOWN: %s %s (%s): %s. The scope stays blocked (UNKNOWN_PENDING) until "
-            "guard.reconcile(broker) looks it up at the broker; do not resend by hand.",
+            "`orderguard reconcile --broker ...` (or guard.reconcile(broker)) looks it up at the broker; "
+            "do not resend by hand.",
             record.strategy, record.symbol, record.client_order_id, reason,
             extra={"intent_id": record.id, "client_order_id": record.client_order_id},
         )

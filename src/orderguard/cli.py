@@ -1,16 +1,91 @@
-"""The ``orderguard`` command line (typer + rich)."""
+"""The ``orderguard`` command line (typer + rich).
+
+Operator commands read the ledger chosen by ``--store`` / ``ORDERGUARD_STORE`` / ``./orderguard.db``
+and never create it (only ``migrate`` does). Exit statuses: 0 done (and, for ``reconcile``,
+clean); 1 ``reconcile`` left something unresolved or found drift, or ``show`` found no such
+intent; 2 usage or configuration (bad option, store URL or broker spec); 3 the ledger is missing,
+locked, of another schema or unreadable. Failures are one line on stderr, never a traceback.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+import logging
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from . import __version__
+from .cli_errors import EXIT_NOT_CLEAN, EXIT_OK, EXIT_USAGE, CliFailure, reported
+from .cli_parse import SINCE_HELP, parse_since
+from .cli_store import DEFAULT_BUSY_TIMEOUT, ENV_VAR, StoreChoice, choose_store, ledger_exists, open_ledger
+from .states import State  # noqa: TC001 (typer reads the annotations at runtime)
+from .store.base import SCHEMA_VERSION, BlockReason
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from .store.base import Store
 
 app = typer.Typer(help="orderguard: send each order intent at most once.", no_args_is_help=True)
 console = Console(width=None if Console().is_terminal else 140)
+
+StoreOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--store", metavar="URL", show_default=False,
+        help=f"Ledger: sqlite:///path.db or a path. Else ${ENV_VAR}, else ./orderguard.db.",
+    ),
+]
+BusyOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--busy-timeout", metavar="SECONDS", min=0.001, show_default=False,
+        help=f"How long to wait for a ledger locked by another process (default {DEFAULT_BUSY_TIMEOUT:g}).",
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output (Decimal as strings, times ISO 8601 UTC).")]
+SinceOpt = Annotated[str | None, typer.Option("--since", metavar="T", help=SINCE_HELP, show_default=False)]
+LimitOpt = Annotated[int, typer.Option("--limit", metavar="N", min=1, help="At most N rows, newest first.")]
+
+
+@dataclass(frozen=True)
+class _Globals:
+    store: str | None = None
+    busy_timeout: float | None = None
+
+
+@app.callback()
+def _global_options(ctx: typer.Context, store: StoreOpt = None, busy_timeout: BusyOpt = None) -> None:
+    # Options before the command (``orderguard --store x status``); the command's own win.
+    ctx.obj = _Globals(store, busy_timeout)
+
+
+def _choice(ctx: typer.Context, store: str | None, busy_timeout: float | None) -> StoreChoice:
+    g = ctx.obj if isinstance(ctx.obj, _Globals) else _Globals()
+    timeout = busy_timeout if busy_timeout is not None else g.busy_timeout
+    return choose_store(store, g.store, DEFAULT_BUSY_TIMEOUT if timeout is None else timeout)
+
+
+@contextmanager
+def _ledger(choice: StoreChoice) -> Iterator[Store]:
+    """The existing ledger (never created), closed afterwards; failures become one stderr line."""
+    with reported(choice.origin):
+        store = open_ledger(choice, create=False)
+        try:
+            yield store
+        finally:
+            store.close()
+
+
+def _emit_json(document: dict[str, object]) -> None:
+    from .cli_json import dumps
+
+    typer.echo(dumps(document))
 
 
 @app.command()
@@ -29,3 +104,194 @@ def demo(
     from .demo import main as demo_main
 
     raise typer.Exit(demo_main(scenario=scenario, as_json=as_json, verbose=verbose, console=console))
+
+
+# ---------------------------------------------------------------------------- operator
+
+
+@app.command()
+def status(
+    ctx: typer.Context,
+    since: Annotated[str, typer.Option("--since", metavar="T", help="Blocked attempts since T. " + SINCE_HELP)] = "1h",
+    rows: Annotated[int, typer.Option("--rows", metavar="N", min=1, help="Blocked attempts shown per strategy (all in --json).")] = 10,
+    as_json: JsonOpt = False,
+    store: StoreOpt = None,
+    busy_timeout: BusyOpt = None,
+) -> None:
+    """In-flight and UNKNOWN intents and recently blocked attempts, per strategy."""
+    from .cli_render import make_console, render_status
+    from .cli_status import collect_status
+
+    start = parse_since(since, time.time())
+    choice = _choice(ctx, store, busy_timeout)
+    with _ledger(choice) as ledger:
+        view = collect_status(ledger, choice.where, start)
+    if as_json:
+        _emit_json(view.to_json())
+    else:
+        render_status(make_console(), view, rows)
+
+
+@app.command()
+def intents(
+    ctx: typer.Context,
+    state: Annotated[
+        list[State] | None,
+        typer.Option("--state", metavar="S", case_sensitive=False, help="Only intents in state S (repeatable).", show_default=False),
+    ] = None,
+    strategy: Annotated[str | None, typer.Option("--strategy", metavar="X", help="Only strategy X.", show_default=False)] = None,
+    since: SinceOpt = None,
+    limit: LimitOpt = 100,
+    as_json: JsonOpt = False,
+    store: StoreOpt = None,
+    busy_timeout: BusyOpt = None,
+) -> None:
+    """Intents, newest first."""
+    from .cli_render import make_console, render_intents
+
+    start = None if since is None else parse_since(since, time.time())
+    choice = _choice(ctx, store, busy_timeout)
+    with _ledger(choice) as ledger:
+        records = ledger.intents(states=state or None, strategy=strategy, since=start, limit=limit)
+    if as_json:
+        _emit_json({"ledger": choice.where, "intents": records})
+    else:
+        render_intents(make_console(), choice.where, records, limit)
+
+
+@app.command()
+def show(
+    ctx: typer.Context,
+    ref: Annotated[str, typer.Argument(metavar="ID|CLIENT_ORDER_ID", help="Intent id or client order id.")],
+    as_json: JsonOpt = False,
+    store: StoreOpt = None,
+    busy_timeout: BusyOpt = None,
+) -> None:
+    """One intent in full: its record, the attempt that claimed it, every attempt it blocked."""
+    from .cli_render import make_console, render_show
+
+    choice = _choice(ctx, store, busy_timeout)
+    with _ledger(choice) as ledger:
+        record = ledger.get(ref.strip())
+        claimed = next(iter(ledger.attempts(intent_id=record.id, limit=1)), None)
+        collisions = ledger.attempts(holder_id=record.id, limit=1_000_000)
+    if as_json:
+        _emit_json({"ledger": choice.where, "intent": record, "claimed_attempt": claimed, "collisions": collisions})
+    else:
+        render_show(make_console(), record, claimed, collisions)
+
+
+@app.command()
+def attempts(
+    ctx: typer.Context,
+    blocked: Annotated[
+        bool | None,
+        typer.Option("--blocked/--claimed", help="Only blocked, or only claimed, attempts (default: both).", show_default=False),
+    ] = None,
+    reason: Annotated[
+        BlockReason | None,
+        typer.Option("--reason", metavar="R", case_sensitive=False, help="Only attempts blocked for reason R.", show_default=False),
+    ] = None,
+    since: SinceOpt = None,
+    limit: LimitOpt = 100,
+    as_json: JsonOpt = False,
+    store: StoreOpt = None,
+    busy_timeout: BusyOpt = None,
+) -> None:
+    """Attempts, allowed and blocked, newest first."""
+    from .cli_render import make_console, render_attempts
+
+    if reason is not None and blocked is False:
+        raise typer.BadParameter("a claimed attempt has no block reason", param_hint="--reason")
+    start = None if since is None else parse_since(since, time.time())
+    choice = _choice(ctx, store, busy_timeout)
+    with _ledger(choice) as ledger:
+        records = ledger.attempts(blocked=True if reason else blocked, reason=reason, since=start, limit=limit)
+    if as_json:
+        _emit_json({"ledger": choice.where, "attempts": records})
+    else:
+        render_attempts(make_console(), choice.where, records, limit)
+
+
+class _Warnings(logging.Handler):
+    """Collects what the library warns about during one reconcile run."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@app.command()
+def reconcile(
+    ctx: typer.Context,
+    broker: Annotated[
+        str,
+        typer.Option("--broker", metavar="SPEC", help="The venue to look orders up at, e.g. paper:///abs/path/paper.db.", show_default=False),
+    ],
+    grace: Annotated[
+        float | None,
+        typer.Option("--grace", metavar="S", min=0, help="Seconds between the two lookups that prove 'not found' (default: the venue's lookup lag allowance).", show_default=False),
+    ] = None,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Do not sleep out the grace: record first misses, decide them in a later run.")] = False,
+    as_json: JsonOpt = False,
+    store: StoreOpt = None,
+    busy_timeout: BusyOpt = None,
+) -> None:
+    """Resolve CLAIMED/SENDING/UNKNOWN (and bring ACKED/PARTIALLY_FILLED up to date) by asking the venue.
+
+    Exit status 0 when nothing is left unresolved and ledger and venue positions agree, else 1.
+    """
+    from .brokers.spec import close_broker, open_broker
+    from .cli_render import make_console, render_reconcile
+    from .guard import Guard
+
+    choice = _choice(ctx, store, busy_timeout)
+    collected = _Warnings()
+    logger = logging.getLogger("orderguard")
+    with reported(choice.origin):
+        venue = open_broker(broker)
+        try:
+            with _ledger(choice) as ledger:
+                logger.addHandler(collected)
+                try:
+                    report = Guard(ledger, runner="orderguard-cli").reconcile(venue, grace=grace, wait=not no_wait)
+                finally:
+                    logger.removeHandler(collected)
+        finally:
+            close_broker(venue)
+    if as_json:
+        _emit_json({
+            "ledger": choice.where, "broker": broker, "clean": report.clean, "decisions": report.decisions,
+            "unresolved": report.unresolved, "drift": [{**vars(x), "difference": x.difference} for x in report.drift],
+            "warnings": collected.lines,
+        })
+    else:
+        render_reconcile(make_console(), choice.where, broker, report, collected.lines)
+    raise typer.Exit(EXIT_OK if report.clean else EXIT_NOT_CLEAN)
+
+
+@app.command()
+def migrate(
+    ctx: typer.Context,
+    as_json: JsonOpt = False,
+    store: StoreOpt = None,
+    busy_timeout: BusyOpt = None,
+) -> None:
+    """Create the ledger's schema if missing and report its version. Safe to run twice."""
+    choice = _choice(ctx, store, busy_timeout)
+    with reported(choice.origin):
+        # An existing file is only opened, never written into: a file that is not a ledger is refused.
+        created = not ledger_exists(choice)
+        folder = os.path.dirname(choice.path or "") or None
+        if created and folder and not os.path.isdir(folder):
+            raise CliFailure(EXIT_USAGE, f"cannot create ledger {choice.where}: folder {folder} does not exist (nothing was created)")
+        open_ledger(choice, create=created).close()
+    if as_json:
+        _emit_json({"ledger": choice.where, "created": created, "schema_version": SCHEMA_VERSION})
+    elif created:
+        typer.echo(f"created ledger {choice.where} (schema version {SCHEMA_VERSION})")
+    else:
+        typer.echo(f"ledger {choice.where} already at schema version {SCHEMA_VERSION}; nothing changed")

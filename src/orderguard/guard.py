@@ -260,7 +260,7 @@ class Guard:
         except StoreError as exc:
             log.error(
                 "order %s reached the send step but recording its outcome failed: %s. The ledger "
-                "still holds the scope; run guard.reconcile(broker) once the store is back.",
+                "still holds the scope; run `orderguard reconcile` once the store is back.",
                 claim.intent.client_order_id, exc,
             )
         return self._result(claim, outcome, order)

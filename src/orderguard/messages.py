@@ -16,9 +16,10 @@ _NEXT_STEP = {
     BlockReason.DUPLICATE: "this scope already executed in its window; if a second order is "
     "really intended, give it its own window or cycle",
     BlockReason.IN_FLIGHT: "the earlier attempt is still being sent; wait for its outcome "
-    "(guard.intent('{holder}'))",
+    "(`orderguard show {holder}`)",
     BlockReason.UNKNOWN_PENDING: "the earlier order's outcome is unknown; reconcile it "
-    "(guard.reconcile(broker) looks it up at the broker by client order id) before trading this scope again",
+    "(`orderguard reconcile --broker ...` or guard.reconcile(broker) looks it up at the broker by "
+    "client order id) before trading this scope again",
     BlockReason.CONFLICT: "a different order holds this scope while it is open; let it finish or "
     "cancel it first, or narrow the policy's by= if both orders are intended",
     BlockReason.COOLDOWN: "the scope is cooling down; the next attempt is allowed after {until}",

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from . import _crash
 from .errors import FencedOut, InvalidTransition, OrderGuardError
+from .intent import canonical_decimal
 from .states import PENDING, State, can_transition
 from .store.base import TransitionFields, owner_alive
 
@@ -68,16 +69,19 @@ class ReconcileReport:
     decisions: list[Decision] = field(default_factory=list)  # intents whose state changed
     unresolved: list[Decision] = field(default_factory=list)  # still open, with the reason
     drift: list[Drift] = field(default_factory=list)
+    drift_error: str | None = None  # the position check itself failed
 
     @property
     def clean(self) -> bool:
-        return not self.unresolved and not self.drift
+        return not self.unresolved and not self.drift and self.drift_error is None
 
     def lines(self) -> list[str]:
         """One operator-readable line per decision, open question and drift."""
         out = [f"{d.client_order_id} {d.strategy} {d.symbol}: {d.before.value} -> {d.after.value if d.after else '-'}: {d.why}" for d in self.decisions]
         out += [f"{d.client_order_id} {d.strategy} {d.symbol}: still {d.before.value}: {d.why}" for d in self.unresolved]
         out += [f"DRIFT {x.account} {x.symbol}: ledger {x.ledger}, venue {x.broker} (difference {x.difference})" for x in self.drift]
+        if self.drift_error:
+            out.append(f"DRIFT CHECK FAILED: {self.drift_error}")
         return out
 
 
@@ -119,8 +123,9 @@ class _Reconciler:
                 rec, None, f"venue shows {order.status.value}, which cannot follow {rec.state.value}; check by hand"
             ))
             return
-        price = f" @ {order.average_price}" if order.average_price is not None else ""
-        why = f"venue shows {order.status.value}, filled {order.filled_quantity}{price}, broker id {order.broker_order_id}"
+        price = f" @ {canonical_decimal(order.average_price)}" if order.average_price is not None else ""
+        why = (f"venue shows {order.status.value}, filled {canonical_decimal(order.filled_quantity)}{price}, "
+               f"broker id {order.broker_order_id}")
         self.write(rec, target, facts, why)
 
     def owner_gone(self, rec: IntentRecord, now: float) -> tuple[bool, str]:
@@ -202,7 +207,7 @@ def reconcile(store: Store, broker: Broker, *, grace: float, stale_after: float,
     for rec in candidates:
         try:
             missed = rec_.first_pass(rec, now)
-        except (FencedOut, InvalidTransition) as exc:
+        except (FencedOut, InvalidTransition) as exc:  # a store failure propagates: fail closed
             rec_.report.unresolved.append(_decision(rec, None, str(exc)))
             continue
         if missed is not None:
@@ -221,5 +226,6 @@ def reconcile(store: Store, broker: Broker, *, grace: float, stale_after: float,
     try:
         rec_.drift()
     except Exception as exc:
-        log.warning("position drift check against %s failed: %s", broker.name, exc)
+        rec_.report.drift_error = f"position check against {broker.name} failed: {exc}"
+        log.warning("%s", rec_.report.drift_error)
     return rec_.report

@@ -212,3 +212,27 @@ def test_close_stops_the_checkpointer_and_later_use_is_refused(tmp_path: Path) -
         shutil.rmtree(folder)  # nothing reopened the file behind our back
     with pytest.raises(StoreUnavailable, match="was closed"):
         store.intents()
+
+
+def test_a_foreign_sqlite_file_is_never_touched(tmp_path: Path, paper_url: str) -> None:
+    other = tmp_path / "app.db"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE trades (id INTEGER)")
+    before = other.read_bytes()
+    for create in (True, False):
+        with pytest.raises(SchemaMismatch, match="not an orderguard ledger"):
+            SQLiteStore(str(other), create=create)
+    assert other.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["app.db"]
+    venue = PaperBroker.open(paper_url)  # the paper venue's file is not a ledger either
+    with pytest.raises(SchemaMismatch):
+        Guard.open(paper_url)
+    assert venue.orders() == []
+
+
+def test_an_empty_file_becomes_a_ledger_only_when_asked(tmp_path: Path) -> None:
+    empty = tmp_path / "new.db"
+    empty.touch()
+    with pytest.raises(SchemaMismatch, match="empty file"):
+        SQLiteStore(str(empty), create=False)
+    assert empty.read_bytes() == b""
+    assert SQLiteStore(str(empty)).intents() == []

@@ -332,7 +332,8 @@ def _broker_order(row: tuple[Any, ...]) -> BrokerOrder:
     return BrokerOrder(
         client_order_id=coid, broker_order_id=f"P-{order_id}", status=OrderStatus(status),
         account=account, symbol=symbol, side=side, quantity=Decimal(qty),
-        filled_quantity=filled_q, average_price=(Decimal(notional) / filled_q) if filled_q else None,
+        filled_quantity=filled_q,
+        average_price=Decimal(canonical_decimal(Decimal(notional) / filled_q)) if filled_q else None,
     )
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import time
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING
+from urllib.parse import quote
 
 from .._sqlite import SQLiteFile
 from ..errors import (
@@ -59,7 +61,6 @@ from .rows import (
 from .schema_sqlite import ATTEMPT_COLUMNS, INTENT_COLUMNS, SCHEMA_V1
 
 if TYPE_CHECKING:
-    import sqlite3
     from collections.abc import Callable, Sequence
 
     from ..intent import OrderIntent
@@ -186,16 +187,44 @@ class SQLiteStore(Store):
         self.synchronous = self._db.synchronous
         self._clock = clock
         refuse_network_filesystem(path)
-        if not create and not os.path.exists(path):
-            raise StoreUnavailable(f"no ledger at {path!r}; open it with create=True to create one")
-        self.namespace = self._open_schema(create)
+        # Look before touching: the first read-write connection switches a file to WAL, which
+        # must never happen to a file that is not (or not yet allowed to become) a ledger.
+        kind = self._inspect(path)
+        if kind == "missing" and not create:
+            raise StoreUnavailable(f"no ledger at {path!r}; `orderguard migrate` (or create=True) creates one")
+        if kind == "foreign" or (kind != "ledger" and not create):
+            raise SchemaMismatch(
+                f"{path!r} is not an orderguard ledger ({'an SQLite database of something else' if kind == 'foreign' else 'an empty file'}); "
+                "nothing was changed. Point the store at a ledger, or at a new file to create one."
+            )
+        try:
+            self.namespace = self._open_schema(create)
+        except BaseException:
+            self._db.close()
+            raise
         self._db.start_checkpointer(WAL_LIMIT)
+
+    def _inspect(self, path: str) -> str:
+        """missing, empty, ledger or foreign: read-only, so nothing is changed by looking."""
+        if not os.path.exists(path):
+            return "missing"
+        if os.path.getsize(path) == 0:
+            return "empty"
+        try:
+            ro = sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True, timeout=self._db.busy_timeout)
+            try:
+                names = {row[0] for row in ro.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            finally:
+                ro.close()
+        except sqlite3.DatabaseError as exc:
+            raise self._db.translate(exc, "open") from exc
+        if "meta" in names:
+            return "ledger"
+        return "foreign" if names else "empty"
 
     def _open_schema(self, create: bool) -> str:
         rows = self._db.read("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'meta'")
         if not rows:
-            if not create:
-                raise SchemaMismatch(f"{self.path!r} is not an orderguard ledger (no meta table); nothing was changed")
             with self._db.write("schema creation") as conn:
                 self._db.run_script(conn, SCHEMA_V1)
                 conn.execute(
