@@ -435,10 +435,16 @@ def test_foreign_sqlite_file_is_refused_unchanged(tmp_path: Path) -> None:
 
 
 def test_bad_store_url_is_a_usage_error(tmp_path: Path) -> None:
-    for url in ("sqlite://relative.db", "postgresql://db/ledger", "redis://x"):
+    for url in ("sqlite://relative.db", "redis://x"):
         code, _, err = cli("status", "--store", url)
         assert code == EXIT_USAGE, url
         assert_one_line_error(err)
+
+
+def test_unreachable_postgres_store_is_a_store_error() -> None:
+    code, out, err = cli("status", "--store", "postgresql://nobody@127.0.0.1:1/none?connect_timeout=1")
+    assert code == EXIT_STORE and out == ""
+    assert_one_line_error(err, "PostgreSQL")
 
 
 def test_bad_broker_specs_are_usage_errors_and_change_nothing(ledger: Ledger) -> None:

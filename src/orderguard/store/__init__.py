@@ -10,11 +10,14 @@ from .sqlite import SQLiteStore, path_from_url
 
 
 def open_store(url: str, **options: Any) -> Store:
-    """``sqlite:///path.db`` (or a bare path) opens the embedded SQLite ledger."""
+    """``sqlite:///path.db`` (or a bare path): the embedded SQLite ledger;
+    ``postgresql://…``: the PostgreSQL ledger (``orderguard[postgres]``)."""
     if url.startswith(("postgresql://", "postgres://")):
-        raise ConfigurationError("the PostgreSQL store is not available in this version of orderguard")
+        from .postgres import PostgresStore
+
+        return PostgresStore(url, **options)
     if "://" in url and not url.startswith("sqlite://"):
-        raise ConfigurationError(f"unknown store URL {url!r}: use sqlite:///path.db")
+        raise ConfigurationError(f"unknown store URL {url!r}: use sqlite:///path.db or postgresql://…")
     return SQLiteStore(path_from_url(url), **options)
 
 

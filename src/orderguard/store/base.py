@@ -19,6 +19,7 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
+from ..errors import ClockError
 from ..policies import ScopeKind, ScopeRule
 from ..states import PENDING, WORKING, State
 
@@ -72,6 +73,17 @@ class Caller:
 
 _HOST = socket.gethostname()
 DEFAULT_SEND_DEADLINE = 10.0
+
+
+# A wall clock outside these bounds is broken, not merely skewed (2020-01-01 .. 2100-01-01).
+CLOCK_MIN, CLOCK_MAX = 1_577_836_800.0, 4_102_444_800.0
+
+
+def checked_clock(now: float) -> float:
+    """``now`` if it can be a real time, else ClockError (fail closed: nothing is claimed)."""
+    if not CLOCK_MIN <= now <= CLOCK_MAX:
+        raise ClockError(f"the clock reads {now!r}, which cannot be right; nothing was sent")
+    return now
 
 
 def this_host() -> str:

@@ -20,7 +20,6 @@ from urllib.parse import quote
 
 from .._sqlite import SQLiteFile
 from ..errors import (
-    ClockError,
     ConfigurationError,
     FencedOut,
     IntentNotFound,
@@ -43,6 +42,7 @@ from .base import (
     IntentRecord,
     Store,
     TransitionFields,
+    checked_clock,
     client_order_id_head,
     explain_block,
     fence_text,
@@ -76,8 +76,6 @@ NETWORK_FILESYSTEMS = frozenset({
     "sshfs", "glusterfs", "fuse.glusterfs", "ceph", "fuse.ceph", "lustre", "gpfs", "ocfs2",
     "gfs2", "davfs", "fuse.s3fs", "fuse.rclone", "fuse.gcsfuse", "beegfs",
 })
-# A wall clock outside these bounds is broken, not merely skewed (2020-01-01 .. 2100-01-01).
-CLOCK_MIN, CLOCK_MAX = 1_577_836_800.0, 4_102_444_800.0
 # The partial index's own condition, repeated verbatim in a query so SQLite uses the index.
 _LIVE = "state IN ('UNKNOWN', 'ACKED', 'PARTIALLY_FILLED')"
 _PENDING_SQL = ", ".join(f"'{s.value}'" for s in (*PENDING, State.UNKNOWN))
@@ -245,10 +243,7 @@ class SQLiteStore(Store):
     # ------------------------------------------------------------------------------ clock
 
     def now(self) -> float:
-        now = self._clock()
-        if not CLOCK_MIN <= now <= CLOCK_MAX:
-            raise ClockError(f"the host clock reads {now!r}, which cannot be right; nothing was sent")
-        return now
+        return checked_clock(self._clock())
 
     # ------------------------------------------------------------------------------ claim
 

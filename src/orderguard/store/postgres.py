@@ -1,0 +1,515 @@
+"""The PostgreSQL ledger: the store for bots on several hosts (``orderguard[postgres]``).
+
+Same contract and tables as the SQLite store. Each scope is taken by one conditional upsert
+(``INSERT … ON CONFLICT DO UPDATE … WHERE <free> RETURNING fence``): concurrent claimers of a
+scope queue on its row lock, and a claimer that waited re-checks the condition against the row
+the winner committed. Only transaction-scoped locks are used. Window keys and cooldowns use the
+server's clock (``now()`` of the claim's transaction), so clients with skewed clocks agree.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from ..errors import (
+    ConfigurationError,
+    FencedOut,
+    IntentNotFound,
+    InvalidTransition,
+    SchemaMismatch,
+    StoreError,
+    StoreLocked,
+    StoreUnavailable,
+)
+from ..intent import canonical_decimal
+from ..messages import block_message
+from ..policies import ScopeKind, ScopeRule
+from ..states import PENDING, TERMINAL, State, can_transition, releases
+from .base import (
+    DEFAULT_SEND_DEADLINE,
+    SCHEMA_VERSION,
+    AttemptRecord,
+    BlockReason,
+    Caller,
+    ClaimDecision,
+    IntentRecord,
+    Store,
+    TransitionFields,
+    checked_clock,
+    client_order_id_head,
+    explain_block,
+    fence_text,
+    new_intent_id,
+    unknown_from_earlier_window,
+)
+from .rows import (
+    ATTEMPT_SLOT,
+    attempt_from_row,
+    attempt_row,
+    intent_from_row,
+    intent_row,
+    new_intent_record,
+    where_clause,
+)
+from .schema_postgres import SCHEMA_V1
+from .schema_sqlite import ATTEMPT_COLUMNS, INTENT_COLUMNS
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Sequence
+
+    import psycopg
+
+    from ..intent import OrderIntent
+    from ..policies import Policy
+
+log = logging.getLogger("orderguard")
+CHANNEL = "orderguard"
+_PENDING_SQL = ", ".join(f"'{s.value}'" for s in (*PENDING, State.UNKNOWN))
+_LIVE = "state IN ('UNKNOWN', 'ACKED', 'PARTIALLY_FILLED')"
+_INHERITED: list[Any] = []  # pools a forked child must never touch
+
+# A holder the statement cannot see (committed after its snapshot) reads as NULL: never free.
+_CLAIM_ONCE = """
+INSERT INTO scopes(key, kind, fence, holder, held_at) VALUES (%s, 'once', 1, %s, %s)
+ON CONFLICT (key) DO UPDATE SET fence = scopes.fence + 1, holder = EXCLUDED.holder, held_at = EXCLUDED.held_at
+WHERE scopes.holder IS NULL OR (SELECT released = 1 FROM intents WHERE id = scopes.holder) IS TRUE
+RETURNING fence
+"""
+_CLAIM_COOLDOWN = f"""
+INSERT INTO scopes(key, kind, fence, holder, held_at) VALUES (%s, 'cooldown', 1, %s, %s)
+ON CONFLICT (key) DO UPDATE SET fence = scopes.fence + 1, holder = EXCLUDED.holder, held_at = EXCLUDED.held_at
+WHERE scopes.holder IS NULL
+   OR (SELECT released = 1 FROM intents WHERE id = scopes.holder) IS TRUE
+   OR (scopes.held_at <= %s AND (SELECT state NOT IN ({_PENDING_SQL}) FROM intents WHERE id = scopes.holder) IS TRUE)
+RETURNING fence
+"""
+# OPEN scopes: the scope row is locked first (claimers of one scope queue here), then counted.
+_LOCK_SCOPE = """
+INSERT INTO scopes(key, kind, fence) VALUES (%s, %s, 1)
+ON CONFLICT (key) DO UPDATE SET fence = scopes.fence + 1
+RETURNING fence
+"""
+_COLS = [c.strip() for c in INTENT_COLUMNS.split(",")]
+_HOLDER = f"SELECT {', '.join('i.' + c for c in _COLS)} FROM scopes s JOIN intents i ON i.id = s.holder WHERE s.key = %s"
+_OPEN_HOLDERS = f"SELECT {', '.join('i.' + c for c in _COLS)} FROM holds h JOIN intents i ON i.id = h.intent_id WHERE h.scope_key = %s"
+_INSERT_INTENT = f"INSERT INTO intents({INTENT_COLUMNS}) VALUES ({', '.join(['%s'] * len(_COLS))})"
+_ATTEMPT_COLS = ATTEMPT_COLUMNS.removeprefix("id, ")
+_INSERT_ATTEMPT = f"INSERT INTO attempts({_ATTEMPT_COLS}) VALUES ({', '.join(['%s'] * len(_ATTEMPT_COLS.split(',')))}) RETURNING id"
+
+
+def _psycopg() -> Any:
+    try:
+        import psycopg
+        import psycopg_pool
+    except ImportError:  # pragma: no cover - depends on the install
+        raise ConfigurationError(
+            "the PostgreSQL store needs psycopg 3 and psycopg-pool: pip install 'orderguard[postgres]'"
+        ) from None
+    return psycopg, psycopg_pool
+
+
+def _scalar(conn: psycopg.Connection[Any], sql: str, params: Sequence[Any] = ()) -> Any:
+    row = conn.execute(sql, params).fetchone()
+    if row is None:  # pragma: no cover - every caller selects or returns exactly one row
+        raise StoreError(f"PostgreSQL ledger returned no row for: {sql.split(maxsplit=1)[0]} ...")
+    return row[0]
+
+
+class PostgresStore(Store):
+    """Ledger in PostgreSQL, shared by every process on every host.
+
+    ``statement_timeout`` and ``lock_timeout`` bound how long a claim may wait (then
+    StoreLocked, nothing sent); TCP keepalives find a dead server or network path. ``schema``
+    puts the tables in their own PostgreSQL schema. ``clock``, for tests only, replaces the
+    server's clock.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        schema: str | None = None,
+        create: bool = True,
+        min_size: int = 1,
+        max_size: int = 8,
+        statement_timeout: float = 5.0,
+        lock_timeout: float = 5.0,
+        connect_timeout: float = 5.0,
+        busy_timeout: float | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self._psycopg, self._pool_module = _psycopg()
+        if busy_timeout is not None:  # the SQLite store's name for "how long to wait for a lock"
+            lock_timeout = busy_timeout
+        if schema is not None and not schema.replace("_", "").isalnum():
+            raise ConfigurationError(f"schema name {schema!r} must be letters, digits and '_'")
+        self.url = url
+        self.schema = schema
+        self._clock = clock
+        options = (
+            f"-c statement_timeout={int(statement_timeout * 1000)} -c lock_timeout={int(lock_timeout * 1000)} "
+            "-c idle_in_transaction_session_timeout=60000"
+            + (f" -c search_path={schema}" if schema else "")
+        )
+        self._kwargs = {
+            "connect_timeout": max(1, int(connect_timeout)), "options": options, "keepalives": 1,
+            "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+            "application_name": "orderguard",
+        }
+        self._sizes = (min_size, max_size)
+        self._connect_timeout = float(connect_timeout)
+        self._pool_lock = threading.Lock()
+        self._pool: Any = None
+        self._pid = os.getpid()
+        self.namespace = self._open_schema(create)
+
+    # ------------------------------------------------------------------------ connections
+
+    def _get_pool(self) -> Any:
+        with self._pool_lock:
+            if self._pid != os.getpid():  # after fork: the parent's sockets are not ours
+                _INHERITED.append(self._pool)
+                self._pool, self._pid = None, os.getpid()
+            if self._pool is None:
+                self._pool = self._pool_module.ConnectionPool(
+                    self.url, min_size=self._sizes[0], max_size=self._sizes[1], kwargs=self._kwargs,
+                    open=True, timeout=self._connect_timeout + 1,
+                    check=self._pool_module.ConnectionPool.check_connection, name="orderguard",
+                )
+            return self._pool
+
+    @contextmanager
+    def _tx(self, what: str) -> Iterator[psycopg.Connection[Any]]:
+        """One transaction on a pooled connection; any failure is a typed StoreError."""
+        try:
+            with self._get_pool().connection() as conn, conn.transaction():
+                yield conn
+        except StoreError:
+            raise
+        except (FencedOut, InvalidTransition, IntentNotFound):
+            raise
+        except self._pool_module.PoolTimeout as exc:
+            raise StoreUnavailable(f"PostgreSQL ledger unreachable during {what} ({exc}); nothing was sent.") from exc
+        except self._psycopg.Error as exc:
+            raise self._translate(exc, what) from exc
+
+    def _translate(self, exc: Exception, what: str) -> StoreError:
+        errors = self._psycopg.errors
+        if isinstance(exc, (errors.LockNotAvailable, errors.QueryCanceled)):
+            return StoreLocked(
+                f"PostgreSQL ledger: {what} waited past its lock/statement timeout ({exc}); nothing was "
+                "sent. Look for a long transaction holding the scope, or raise the timeouts."
+            )
+        if isinstance(exc, errors.UndefinedTable):
+            return SchemaMismatch(f"PostgreSQL ledger has no orderguard tables ({exc}); run `orderguard migrate`.")
+        if isinstance(exc, self._psycopg.OperationalError):
+            return StoreUnavailable(
+                f"PostgreSQL ledger: connection lost during {what} ({exc}); nothing was sent by this call. "
+                "It reconnects on the next call."
+            )
+        return StoreError(f"PostgreSQL ledger failed during {what}: {exc}; nothing was sent.")
+
+    def _open_schema(self, create: bool) -> str:
+        with self._tx("schema check") as conn:
+            if self.schema and create:
+                conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
+            # Serialises concurrent creators; released at commit (transaction-scoped).
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext('orderguard-schema'))")
+            have = _scalar(conn, "SELECT to_regclass('meta') IS NOT NULL")
+            if not have:
+                if not create:
+                    raise StoreUnavailable(f"no orderguard ledger in {self._where()}; run `orderguard migrate`")
+                conn.execute(SCHEMA_V1)
+                conn.execute(
+                    "INSERT INTO meta(key, value) VALUES ('schema_version', %s), ('namespace', %s), ('created_at', %s) "
+                    "ON CONFLICT (key) DO NOTHING",
+                    (str(SCHEMA_VERSION), uuid.uuid4().hex, str(time.time())),
+                )
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        version = int(meta.get("schema_version", "0"))
+        if version != SCHEMA_VERSION:
+            raise SchemaMismatch(
+                f"PostgreSQL ledger {self._where()} has schema version {version}; this orderguard understands "
+                f"{SCHEMA_VERSION}. " + ("Upgrade orderguard on this host." if version > SCHEMA_VERSION else "Recreate it.")
+            )
+        return str(meta["namespace"])
+
+    def _where(self) -> str:
+        host = self._kwargs.get("host") or self.url.split("@")[-1].split("?")[0]
+        return f"{host}" + (f" schema {self.schema}" if self.schema else "")
+
+    # ------------------------------------------------------------------------------ clock
+
+    def _server_now(self, conn: psycopg.Connection[Any]) -> float:
+        if self._clock is not None:
+            return checked_clock(self._clock())
+        return checked_clock(float(_scalar(conn, "SELECT extract(epoch FROM now())")))
+
+    def now(self) -> float:
+        if self._clock is not None:
+            return checked_clock(self._clock())
+        with self._tx("clock") as conn:
+            return self._server_now(conn)
+
+    # ------------------------------------------------------------------------------ claim
+
+    def claim(
+        self,
+        intent: OrderIntent,
+        policies: Sequence[Policy],
+        caller: Caller,
+        *,
+        state: State = State.SENDING,
+        send_deadline: float | None = DEFAULT_SEND_DEADLINE,
+    ) -> ClaimDecision:
+        intent_id = new_intent_id()
+        with self._tx("claim") as conn:
+            now = self._server_now(conn)  # the server's clock decides windows and cooldowns
+            moment = datetime.fromtimestamp(now, tz=UTC)
+            rules = tuple(p.rule(intent, moment) for p in policies)
+            keys = tuple(rule.key for rule in rules)
+            send_by_at = None if send_deadline is None else now + send_deadline
+            params = intent_row(intent, intent_id, keys, state, caller, now, send_by_at)
+            refusal = self._unknown_carried_over(conn, rules)
+            fence = 0
+            if refusal is None:
+                if len(rules) == 1:
+                    fence, refusal = self._take_all(conn, rules, intent, intent_id, now)
+                else:  # a later rule's refusal must undo the earlier rules' writes: a savepoint
+                    try:
+                        with conn.transaction():
+                            fence, refusal = self._take_all(conn, rules, intent, intent_id, now)
+                            if refusal is not None:
+                                raise _Undo
+                    except _Undo:
+                        pass
+            if refusal is not None:
+                rule, reason, holder = refusal
+                message = block_message(reason, intent, rule, holder)
+                row = attempt_row(now, "BLOCKED", reason, None, holder.id if holder else None, rule.key, caller, intent, message)
+                attempt_id = int(_scalar(conn, _INSERT_ATTEMPT, row))
+                return ClaimDecision(
+                    claimed=False, attempt_id=attempt_id, reason=reason, holder=holder,
+                    rule=rule, message=message, rules=rules,
+                )
+            coid = f"{client_order_id_head(self.namespace, keys[0])}-{fence_text(fence)}"
+            row = attempt_row(now, "CLAIMED", None, intent_id, None, keys[0], caller, intent, "")
+            attempt_id = int(_scalar(conn, _INSERT_ATTEMPT, row))
+            params[1], params[2], params[ATTEMPT_SLOT] = coid, fence, attempt_id
+            conn.execute(_INSERT_INTENT, params)
+            self._notify(conn, intent_id, state)
+        record = new_intent_record(intent, intent_id, coid, fence, keys, state, caller, now, attempt_id, send_by_at)
+        message = f"CLAIMED {intent.describe()} from {intent.source} as {coid} (fence {fence})"
+        return ClaimDecision(claimed=True, attempt_id=attempt_id, intent=record, message=message, rules=rules)
+
+    def _take_all(
+        self, conn: psycopg.Connection[Any], rules: tuple[ScopeRule, ...], intent: OrderIntent, intent_id: str, now: float
+    ) -> tuple[int, tuple[ScopeRule, BlockReason, IntentRecord | None] | None]:
+        fence = 0
+        for index, rule in enumerate(rules):
+            token = self._take(conn, rule, intent_id, now)
+            if token is None:
+                reason, holder = explain_block(rule, intent, self._holders(conn, rule))
+                return fence, (rule, reason, holder)
+            if index == 0:
+                fence = token
+        return fence, None
+
+    @staticmethod
+    def _take(conn: psycopg.Connection[Any], rule: ScopeRule, intent_id: str, now: float) -> int | None:
+        if rule.kind is ScopeKind.ONCE:
+            row = conn.execute(_CLAIM_ONCE, (rule.key, intent_id, now)).fetchone()
+        elif rule.kind is ScopeKind.COOLDOWN:
+            row = conn.execute(_CLAIM_COOLDOWN, (rule.key, intent_id, now, now - rule.seconds)).fetchone()
+        else:
+            row = conn.execute(_LOCK_SCOPE, (rule.key, rule.kind.value)).fetchone()
+            count = _scalar(conn, "SELECT count(*) FROM holds WHERE scope_key = %s", (rule.key,))
+            if count >= rule.limit:
+                return None
+            conn.execute("INSERT INTO holds(scope_key, intent_id) VALUES (%s, %s)", (rule.key, intent_id))
+        return None if row is None else int(row[0])
+
+    @staticmethod
+    def _holders(conn: psycopg.Connection[Any], rule: ScopeRule) -> list[IntentRecord]:
+        sql = _OPEN_HOLDERS if rule.kind is ScopeKind.OPEN else _HOLDER
+        return [intent_from_row(r) for r in conn.execute(sql, (rule.key,)).fetchall()]
+
+    @staticmethod
+    def _unknown_carried_over(
+        conn: psycopg.Connection[Any], rules: tuple[ScopeRule, ...]
+    ) -> tuple[ScopeRule, BlockReason, IntentRecord | None] | None:
+        if not any(rule.base for rule in rules):
+            return None
+        rows = conn.execute(f"SELECT {INTENT_COLUMNS} FROM intents WHERE state = 'UNKNOWN' AND {_LIVE}").fetchall()
+        found = unknown_from_earlier_window(rules, [intent_from_row(r) for r in rows]) if rows else None
+        return None if found is None else (found[0], BlockReason.UNKNOWN_PENDING, found[1])
+
+    @staticmethod
+    def _notify(conn: psycopg.Connection[Any], intent_id: str, state: State) -> None:
+        # Delivered at commit, to every listener on every host (dashboard, waiting processes).
+        conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, json.dumps({"intent": intent_id, "state": state.value})))
+
+    # ------------------------------------------------------------------------ transitions
+
+    def _current(self, conn: psycopg.Connection[Any], intent_id: str, *, lock: bool = False) -> IntentRecord:
+        row = conn.execute(
+            f"SELECT {INTENT_COLUMNS} FROM intents WHERE id = %s" + (" FOR UPDATE" if lock else ""), (intent_id,)
+        ).fetchone()
+        if row is None:
+            raise IntentNotFound(f"no intent {intent_id!r} in the PostgreSQL ledger")
+        return intent_from_row(row)
+
+    def transition(
+        self,
+        intent_id: str,
+        fence: int,
+        target: State,
+        facts: TransitionFields | None = None,
+        *,
+        take_over: bool = False,
+    ) -> IntentRecord:
+        facts = facts or TransitionFields()
+        with self._tx("transition") as conn:
+            current = self._current(conn, intent_id, lock=True)
+            if current.fence != fence:
+                raise FencedOut(
+                    f"intent {intent_id} ({current.client_order_id}) is now at fence {current.fence} "
+                    f"in state {current.state.value}; this writer's fence {fence} is stale, so its "
+                    f"{target.value} was refused. The reconciler or a newer owner decided instead."
+                )
+            if current.state is target and target in TERMINAL:
+                return current
+            if not can_transition(current.state, target):
+                raise InvalidTransition(f"intent {intent_id} cannot go from {current.state.value} to {target.value}")
+            new_fence = fence
+            if take_over:
+                new_fence = int(_scalar(conn, "UPDATE scopes SET fence = fence + 1 WHERE key = %s RETURNING fence", (current.scope_key,)))
+            filled = facts.filled_quantity if facts.filled_quantity is not None else current.filled_quantity
+            released = releases(target, filled == 0)
+            conn.execute(
+                """UPDATE intents SET state = %s, fence = %s, updated_at = %s,
+                       broker_order_id = coalesce(%s, broker_order_id),
+                       filled_quantity = %s, average_price = coalesce(%s, average_price),
+                       note = coalesce(%s, note), released = %s
+                   WHERE id = %s AND fence = %s""",
+                (
+                    target.value, new_fence, self._server_now(conn), facts.broker_order_id,
+                    canonical_decimal(filled),
+                    None if facts.average_price is None else canonical_decimal(facts.average_price),
+                    facts.note, int(released), intent_id, fence,
+                ),
+            )
+            if released:
+                conn.execute("DELETE FROM holds WHERE intent_id = %s", (intent_id,))
+            self._notify(conn, intent_id, target)
+            return self._current(conn, intent_id)
+
+    def note_lookup_miss(self, intent_id: str, fence: int, at: float) -> IntentRecord:
+        with self._tx("lookup miss") as conn:
+            current = self._current(conn, intent_id, lock=True)
+            if current.fence != fence:
+                raise FencedOut(f"intent {intent_id} moved to fence {current.fence}; lookup miss not recorded")
+            conn.execute("UPDATE intents SET first_miss_at = coalesce(first_miss_at, %s) WHERE id = %s", (at, intent_id))
+            return self._current(conn, intent_id)
+
+    def mark_closed(self, intent_id: str) -> IntentRecord:
+        with self._tx("mark closed") as conn:
+            current = self._current(conn, intent_id, lock=True)
+            if not (current.state in TERMINAL and current.filled_quantity > 0):
+                raise InvalidTransition(
+                    f"intent {intent_id} is {current.state.value} with {current.filled_quantity} filled, so its "
+                    "position cannot be closed yet: only a finished order that filled opened one (cancel or "
+                    "reconcile it first)"
+                )
+            conn.execute("UPDATE intents SET closed = 1, updated_at = %s WHERE id = %s", (self._server_now(conn), intent_id))
+            conn.execute("DELETE FROM holds WHERE intent_id = %s", (intent_id,))
+            return self._current(conn, intent_id)
+
+    # ------------------------------------------------------------------------------ reads
+
+    def get(self, ref: str) -> IntentRecord:
+        with self._tx("read") as conn:
+            row = conn.execute(
+                f"SELECT {INTENT_COLUMNS} FROM intents WHERE id = %s OR client_order_id = %s", (ref, ref)
+            ).fetchone()
+        if row is None:
+            raise IntentNotFound(f"no intent with id or client order id {ref!r} in the PostgreSQL ledger")
+        return intent_from_row(row)
+
+    def intents(
+        self,
+        *,
+        states: Sequence[State] | None = None,
+        strategy: str | None = None,
+        since: float | None = None,
+        limit: int = 1000,
+    ) -> list[IntentRecord]:
+        clause, params = where_clause([
+            ("state = ANY(%s)", [[State(x).value for x in states or ()]], bool(states)),
+            ("strategy = %s", [strategy], strategy is not None),
+            ("created_at >= %s", [since], since is not None),
+        ])
+        with self._tx("read") as conn:
+            rows = conn.execute(
+                f"SELECT {INTENT_COLUMNS} FROM intents {clause} ORDER BY id DESC LIMIT %s", (*params, int(limit))
+            ).fetchall()
+        return [intent_from_row(r) for r in rows]
+
+    def attempts(
+        self,
+        *,
+        intent_id: str | None = None,
+        holder_id: str | None = None,
+        blocked: bool | None = None,
+        reason: BlockReason | None = None,
+        since: float | None = None,
+        limit: int = 1000,
+    ) -> list[AttemptRecord]:
+        clause, params = where_clause([
+            ("id = (SELECT attempt_id FROM intents WHERE id = %s)", [intent_id], intent_id is not None),
+            ("holder_id = %s", [holder_id], holder_id is not None),
+            ("outcome = %s", ["BLOCKED" if blocked else "CLAIMED"], blocked is not None),
+            ("reason = %s", [None if reason is None else BlockReason(reason).value], reason is not None),
+            ("at >= %s", [since], since is not None),
+        ])
+        with self._tx("read") as conn:
+            rows = conn.execute(
+                f"SELECT {ATTEMPT_COLUMNS} FROM attempts {clause} ORDER BY id DESC LIMIT %s", (*params, int(limit))
+            ).fetchall()
+        return [attempt_from_row(r) for r in rows]
+
+    def filled_positions(self) -> dict[tuple[str, str], Decimal]:
+        totals: dict[tuple[str, str], Decimal] = {}
+        with self._tx("read") as conn:
+            rows = conn.execute("SELECT account, symbol, side, filled_quantity FROM intents").fetchall()
+        for account, symbol, side, filled in rows:
+            signed = Decimal(filled) if side == "BUY" else -Decimal(filled)
+            totals[(account, symbol)] = totals.get((account, symbol), Decimal(0)) + signed
+        return totals
+
+    def listen(self, timeout: float | None = None) -> Iterator[dict[str, str]]:
+        """State changes from every process on every host: ``{"intent": id, "state": S}``."""
+        psycopg = self._psycopg
+        with psycopg.connect(self.url, autocommit=True, **self._kwargs) as conn:
+            conn.execute(f"LISTEN {CHANNEL}")
+            for note in conn.notifies(timeout=timeout):
+                yield json.loads(note.payload)
+
+    def close(self) -> None:
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None and self._pid == os.getpid():
+            pool.close()
+
+
+class _Undo(Exception):
+    """Rolls a savepoint back when a later policy of a claim refuses it."""
