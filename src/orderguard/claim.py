@@ -157,9 +157,7 @@ class Claim:
         """Check the send deadline (monotonic and store clock), then mark the send as started."""
         record = self._held()
         if not self.send_started:
-            late = time.monotonic() > self.send_by or (
-                record.send_by_at is not None and self._store.now() > record.send_by_at
-            )
+            late = time.monotonic() > self.send_by or self._past_recorded_deadline(record)
             if late:
                 raise SendDeadlineExceeded(
                     f"claim {record.client_order_id} is {time.monotonic() - self._claimed_at:.1f}s old, "
@@ -167,6 +165,19 @@ class Claim:
                 )
         self.send_started = True
         return record
+
+    def _past_recorded_deadline(self, record: IntentRecord) -> bool:
+        """The deadline in the ledger, on the store's clock (immune to a suspended host's
+        monotonic clock). An unreachable store cannot say, so the claim is not sent."""
+        if record.send_by_at is None:
+            return False
+        try:
+            return self._store.now() > record.send_by_at
+        except StoreError as exc:  # fail closed: nothing is sent without a store that can vouch for it
+            raise SendDeadlineExceeded(
+                f"the ledger cannot confirm that {record.client_order_id} is within its send deadline "
+                f"({exc}); nothing was sent"
+            ) from exc
 
     @property
     def client_order_id(self) -> str:

@@ -106,6 +106,62 @@ _ATTEMPT_COLS = ATTEMPT_COLUMNS.removeprefix("id, ")
 _INSERT_ATTEMPT = f"INSERT INTO attempts({_ATTEMPT_COLS}) VALUES ({', '.join(['%s'] * len(_ATTEMPT_COLS.split(',')))}) RETURNING id"
 
 
+_FREE = {
+    ScopeKind.ONCE: "scopes.holder IS NULL OR (SELECT released = 1 FROM intents WHERE id = scopes.holder) IS TRUE",
+    ScopeKind.COOLDOWN: (
+        "scopes.holder IS NULL OR (SELECT released = 1 FROM intents WHERE id = scopes.holder) IS TRUE "
+        "OR (scopes.held_at <= EXCLUDED.held_at - %(seconds)s AND "
+        f"(SELECT state NOT IN ({_PENDING_SQL}) FROM intents WHERE id = scopes.holder) IS TRUE)"
+    ),
+}
+
+
+def _one_statement_claim(kind: ScopeKind) -> str:
+    """The whole claim of a single once/cooldown scope as ONE statement (one round trip).
+
+    Run in autocommit it is its own transaction: the scope upsert, the attempt, the intent and
+    the notification happen together or, when the scope is refused (or the caller's estimate of
+    the server clock is off), not at all.
+    """
+    intent_values = [f"%(i{n})s" for n in range(len(_COLS))]
+    expressions = {
+        "client_order_id": "%(head)s || '-' || og_base36(s.fence)", "fence": "s.fence",
+        "created_at": "s.held_at", "updated_at": "s.held_at", "attempt_id": "a.id",
+        "send_by_at": "s.held_at + %(deadline)s::float8",
+    }
+    for name, expression in expressions.items():
+        intent_values[_COLS.index(name)] = expression
+    attempt_cols = [c.strip() for c in _ATTEMPT_COLS.split(",")]
+    attempt_values = [f"%(a{n})s" for n in range(len(attempt_cols))]
+    attempt_values[0] = "s.held_at"
+    return f"""
+WITH clk AS (SELECT coalesce(%(fixed_now)s::float8, extract(epoch FROM now())) AS now),
+ok AS (SELECT now FROM clk WHERE %(estimate)s::float8 IS NULL OR abs(now - %(estimate)s::float8) < %(tolerance)s),
+carry AS (
+    SELECT id FROM intents
+    WHERE %(base)s <> '' AND state = 'UNKNOWN' AND {_LIVE}
+      AND (starts_with(scope_key, %(base)s) OR position(E'\n' || %(base)s IN E'\n' || scope_keys) > 0)
+    LIMIT 1
+),
+s AS (
+    INSERT INTO scopes(key, kind, fence, holder, held_at)
+    SELECT %(key)s, %(kind)s, 1, %(id)s, ok.now FROM ok WHERE NOT EXISTS (SELECT 1 FROM carry)
+    ON CONFLICT (key) DO UPDATE SET fence = scopes.fence + 1, holder = EXCLUDED.holder, held_at = EXCLUDED.held_at
+    WHERE {_FREE[kind]}
+    RETURNING fence, held_at
+),
+a AS (INSERT INTO attempts({_ATTEMPT_COLS}) SELECT {", ".join(attempt_values)} FROM s RETURNING id),
+i AS (INSERT INTO intents({INTENT_COLUMNS}) SELECT {", ".join(intent_values)} FROM s, a RETURNING id, state),
+n AS (SELECT pg_notify('{CHANNEL}', json_build_object('intent', i.id, 'state', i.state)::text) FROM i)
+SELECT (SELECT now FROM clk), (SELECT count(*) FROM ok), (SELECT fence FROM s), (SELECT id FROM a),
+       (SELECT count(*) FROM n), (SELECT count(*) FROM carry)
+"""
+
+
+_ONE_STATEMENT = {kind: _one_statement_claim(kind) for kind in _FREE}
+CLOCK_TOLERANCE = 1.0  # seconds between the server's clock and this host's estimate of it
+
+
 def _psycopg() -> Any:
     try:
         import psycopg
@@ -170,6 +226,7 @@ class PostgresStore(Store):
         self._pool_lock = threading.Lock()
         self._pool: Any = None
         self._pid = os.getpid()
+        self._offset: float | None = None  # server clock minus this host's clock
         self.namespace = self._open_schema(create)
 
     # ------------------------------------------------------------------------ connections
@@ -182,8 +239,10 @@ class PostgresStore(Store):
             if self._pool is None:
                 self._pool = self._pool_module.ConnectionPool(
                     self.url, min_size=self._sizes[0], max_size=self._sizes[1], kwargs=self._kwargs,
-                    open=True, timeout=self._connect_timeout + 1,
-                    check=self._pool_module.ConnectionPool.check_connection, name="orderguard",
+                    # No per-checkout health check (a round trip on every claim): a dead
+                    # connection fails its statement (StoreUnavailable, nothing sent) and the pool
+                    # replaces it.
+                    open=True, timeout=self._connect_timeout + 1, name="orderguard",
                 )
             return self._pool
 
@@ -254,6 +313,18 @@ class PostgresStore(Store):
             return checked_clock(self._clock())
         return checked_clock(float(_scalar(conn, "SELECT extract(epoch FROM now())")))
 
+    def _estimate(self) -> float | None:
+        """This host's estimate of the server's clock (None: not measured yet)."""
+        if self._clock is not None:
+            return checked_clock(self._clock())
+        if self._offset is None:
+            with self._get_pool().connection() as conn:
+                conn.autocommit = True
+                before = time.time()
+                server = float(_scalar(conn, "SELECT extract(epoch FROM clock_timestamp())"))
+                self._offset = server - (before + time.time()) / 2
+        return checked_clock(time.time() + self._offset)
+
     def now(self) -> float:
         if self._clock is not None:
             return checked_clock(self._clock())
@@ -272,6 +343,10 @@ class PostgresStore(Store):
         send_deadline: float | None = DEFAULT_SEND_DEADLINE,
     ) -> ClaimDecision:
         intent_id = new_intent_id()
+        if len(policies) == 1:
+            fast = self._claim_in_one_statement(intent, policies[0], caller, intent_id, state, send_deadline)
+            if fast is not None:
+                return fast
         with self._tx("claim") as conn:
             now = self._server_now(conn)  # the server's clock decides windows and cooldowns
             moment = datetime.fromtimestamp(now, tz=UTC)
@@ -310,6 +385,64 @@ class PostgresStore(Store):
         record = new_intent_record(intent, intent_id, coid, fence, keys, state, caller, now, attempt_id, send_by_at)
         message = f"CLAIMED {intent.describe()} from {intent.source} as {coid} (fence {fence})"
         return ClaimDecision(claimed=True, attempt_id=attempt_id, intent=record, message=message, rules=rules)
+
+    def _claim_in_one_statement(
+        self, intent: OrderIntent, policy: Policy, caller: Caller, intent_id: str, state: State,
+        send_deadline: float | None,
+    ) -> ClaimDecision | None:
+        """The hot path: one round trip. None: not applicable, or refused (the caller then runs
+        the full transaction, which records the refusal with its reason and holder)."""
+        try:
+            estimate = self._estimate()
+        except self._psycopg.Error as exc:
+            raise self._translate(exc, "clock") from exc
+        assert estimate is not None
+        # A window key from the estimate is only used when it is the same key at both ends of
+        # the tolerance: the statement refuses any estimate further than that from the server's
+        # own clock, so the key is then exactly the server clock's key. Near a window boundary
+        # (or with a test clock) the full transaction computes it from the server's clock.
+        rule = policy.rule(intent, datetime.fromtimestamp(estimate, tz=UTC))
+        if rule.kind not in _ONE_STATEMENT:
+            return None
+        if self._clock is None:
+            for edge in (estimate - CLOCK_TOLERANCE, estimate + CLOCK_TOLERANCE):
+                if policy.rule(intent, datetime.fromtimestamp(edge, tz=UTC)).key != rule.key:
+                    return None
+        keys = (rule.key,)
+        row = intent_row(intent, intent_id, keys, state, caller, estimate, None)
+        attempt = attempt_row(estimate, "CLAIMED", None, intent_id, None, rule.key, caller, intent, "")
+        params: dict[str, Any] = {f"i{n}": v for n, v in enumerate(row)}
+        params.update({f"a{n}": v for n, v in enumerate(attempt)})
+        params.update(
+            fixed_now=self._clock() if self._clock is not None else None,
+            estimate=None if self._clock is not None else estimate, tolerance=CLOCK_TOLERANCE,
+            base=rule.base, key=rule.key, kind=rule.kind.value, id=intent_id, seconds=rule.seconds,
+            head=client_order_id_head(self.namespace, rule.key), deadline=send_deadline,
+        )
+        try:
+            with self._get_pool().connection() as conn:
+                conn.autocommit = True  # the statement is its own transaction
+                try:
+                    result = conn.execute(_ONE_STATEMENT[rule.kind], params).fetchone()
+                finally:
+                    conn.autocommit = False
+        except self._pool_module.PoolTimeout as exc:
+            raise StoreUnavailable(f"PostgreSQL ledger unreachable during claim ({exc}); nothing was sent.") from exc
+        except self._psycopg.Error as exc:
+            raise self._translate(exc, "claim") from exc
+        assert result is not None
+        now, clock_ok, fence, attempt_id = result[0], result[1], result[2], result[3]
+        if not clock_ok:
+            self._offset = None  # this host's clock moved: measure again, and take the long way
+            return None
+        if fence is None:
+            return None  # refused: the full transaction names the reason and the holder
+        now = float(now)
+        send_by_at = None if send_deadline is None else now + send_deadline
+        coid = f"{params['head']}-{fence_text(int(fence))}"
+        record = new_intent_record(intent, intent_id, coid, int(fence), keys, state, caller, now, int(attempt_id), send_by_at)
+        message = f"CLAIMED {intent.describe()} from {intent.source} as {coid} (fence {fence})"
+        return ClaimDecision(claimed=True, attempt_id=int(attempt_id), intent=record, message=message, rules=(rule,))
 
     def _take_all(
         self, conn: psycopg.Connection[Any], rules: tuple[ScopeRule, ...], intent: OrderIntent, intent_id: str, now: float
@@ -499,10 +632,13 @@ class PostgresStore(Store):
     def listen(self, timeout: float | None = None) -> Iterator[dict[str, str]]:
         """State changes from every process on every host: ``{"intent": id, "state": S}``."""
         psycopg = self._psycopg
-        with psycopg.connect(self.url, autocommit=True, **self._kwargs) as conn:
-            conn.execute(f"LISTEN {CHANNEL}")
-            for note in conn.notifies(timeout=timeout):
-                yield json.loads(note.payload)
+        try:
+            with psycopg.connect(self.url, autocommit=True, **self._kwargs) as conn:
+                conn.execute(f"LISTEN {CHANNEL}")
+                for note in conn.notifies(timeout=timeout):
+                    yield json.loads(note.payload)
+        except psycopg.Error as exc:
+            raise self._translate(exc, "listen") from exc
 
     def close(self) -> None:
         with self._pool_lock:

@@ -83,5 +83,13 @@ CREATE TABLE IF NOT EXISTS attempts (
     stop_price  TEXT,
     message     TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS attempts_holder ON attempts(holder_id) WHERE holder_id IS NOT NULL
+CREATE INDEX IF NOT EXISTS attempts_holder ON attempts(holder_id) WHERE holder_id IS NOT NULL;
+-- The fencing token in base 36, as store/base.py fence_text() writes it (client order ids are
+-- built inside the one-statement claim).
+CREATE OR REPLACE FUNCTION og_base36(n bigint) RETURNS text LANGUAGE sql IMMUTABLE AS $$
+  WITH RECURSIVE d(v, s) AS (
+    SELECT n / 36, substr('0123456789abcdefghijklmnopqrstuvwxyz', (n % 36)::int + 1, 1)
+    UNION ALL
+    SELECT v / 36, substr('0123456789abcdefghijklmnopqrstuvwxyz', (v % 36)::int + 1, 1) || s FROM d WHERE v > 0)
+  SELECT s FROM d WHERE v = 0 $$
 """
