@@ -15,7 +15,7 @@ import os
 import threading
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -160,6 +160,7 @@ SELECT (SELECT now FROM clk), (SELECT count(*) FROM ok), (SELECT fence FROM s), 
 
 _ONE_STATEMENT = {kind: _one_statement_claim(kind) for kind in _FREE}
 CLOCK_TOLERANCE = 1.0  # seconds between the server's clock and this host's estimate of it
+IDLE_CHECK_AFTER = 1.0  # seconds idle after which a pooled connection is pinged before use
 
 
 def _psycopg() -> Any:
@@ -227,6 +228,7 @@ class PostgresStore(Store):
         self._pool: Any = None
         self._pid = os.getpid()
         self._offset: float | None = None  # server clock minus this host's clock
+        self._last_used: dict[int, float] = {}  # id(connection) -> when it was last returned
         self.namespace = self._open_schema(create)
 
     # ------------------------------------------------------------------------ connections
@@ -239,12 +241,20 @@ class PostgresStore(Store):
             if self._pool is None:
                 self._pool = self._pool_module.ConnectionPool(
                     self.url, min_size=self._sizes[0], max_size=self._sizes[1], kwargs=self._kwargs,
-                    # No per-checkout health check (a round trip on every claim): a dead
-                    # connection fails its statement (StoreUnavailable, nothing sent) and the pool
-                    # replaces it.
                     open=True, timeout=self._connect_timeout + 1, name="orderguard",
+                    check=self._check_if_idle, reset=self._mark_used,
                 )
             return self._pool
+
+    def _mark_used(self, conn: psycopg.Connection[Any]) -> None:
+        self._last_used[id(conn)] = time.monotonic()
+
+    def _check_if_idle(self, conn: psycopg.Connection[Any]) -> None:
+        """Ping a connection only if it sat idle (a server restart or failover kills idle
+        connections): a claim in a busy loop pays no extra round trip, the first claim after
+        a quiet spell or an outage does not fail on a dead socket."""
+        if time.monotonic() - self._last_used.get(id(conn), 0.0) > IDLE_CHECK_AFTER:
+            self._pool_module.ConnectionPool.check_connection(conn)
 
     @contextmanager
     def _tx(self, what: str) -> Iterator[psycopg.Connection[Any]]:
@@ -425,7 +435,8 @@ class PostgresStore(Store):
                 try:
                     result = conn.execute(_ONE_STATEMENT[rule.kind], params).fetchone()
                 finally:
-                    conn.autocommit = False
+                    with suppress(self._psycopg.Error):  # a broken connection: report the real error
+                        conn.autocommit = False
         except self._pool_module.PoolTimeout as exc:
             raise StoreUnavailable(f"PostgreSQL ledger unreachable during claim ({exc}); nothing was sent.") from exc
         except self._psycopg.Error as exc:
