@@ -518,3 +518,23 @@ def test_console_script_reconcile_then_missing_default_store(script: str, ledger
     assert proc.returncode == EXIT_STORE and proc.stdout == ""
     assert_one_line_error(proc.stderr, str(empty / "orderguard.db"))
     assert list(empty.iterdir()) == []
+
+
+def test_migrate_and_status_on_postgres() -> None:
+    import uuid
+
+    from tests.store.conftest import drop_schema, postgres_or_skip
+
+    url = postgres_or_skip()
+    schema = f"og_cli_{uuid.uuid4().hex[:10]}"
+    store = f"{url}?schema={schema}"
+    try:
+        first = cli("migrate", "--store", store, "--json")
+        assert first[0] == 0, first
+        assert json.loads(first[1])["created"] is True
+        again = cli("migrate", "--store", store)
+        assert again[0] == 0 and "already at schema version" in again[1]
+        status = cli("status", "--store", store, "--json")
+        assert status[0] == 0, status
+    finally:
+        drop_schema(url, schema)

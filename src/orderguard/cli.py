@@ -288,7 +288,12 @@ def migrate(
         folder = os.path.dirname(choice.path or "") or None
         if created and folder and not os.path.isdir(folder):
             raise CliFailure(EXIT_USAGE, f"cannot create ledger {choice.where}: folder {folder} does not exist (nothing was created)")
-        open_ledger(choice, create=created).close()
+        if choice.path is None:  # a server store: creating only what is missing is idempotent
+            ledger = open_ledger(choice, create=True)
+            created = bool(getattr(ledger, "created", False))
+        else:
+            ledger = open_ledger(choice, create=created)
+        ledger.close()
     if as_json:
         _emit_json({"ledger": choice.where, "created": created, "schema_version": SCHEMA_VERSION})
     elif created:

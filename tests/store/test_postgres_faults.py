@@ -1082,8 +1082,9 @@ def test_listen_connection_lost_is_a_typed_error(pg: Ledger) -> None:
     listener.warm_up(guard, broker)
     admin = pg.connect()
     listening = admin.execute(
-        "SELECT pid FROM pg_stat_activity WHERE application_name = 'orderguard' AND query = 'LISTEN orderguard' "
-        "AND state = 'idle' AND backend_type = 'client backend'"
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'orderguard' AND query = %s "
+        "AND state = 'idle' AND backend_type = 'client backend'",
+        (f"LISTEN {guard.store.channel}",),  # type: ignore[attr-defined]
     ).fetchall()
     # Other processes may listen on the same server: terminate only the backend whose client
     # socket belongs to this process.

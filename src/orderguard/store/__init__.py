@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..errors import ConfigurationError
 from .base import AttemptRecord, BlockReason, Caller, ClaimDecision, IntentRecord, Store
@@ -15,7 +16,13 @@ def open_store(url: str, **options: Any) -> Store:
     if url.startswith(("postgresql://", "postgres://")):
         from .postgres import PostgresStore
 
-        return PostgresStore(url, **options)
+        # ``?schema=NAME`` is ours (psycopg would refuse it): the ledger's PostgreSQL schema.
+        parts = urlsplit(url)
+        query = [(k, v) for k, v in parse_qsl(parts.query) if k != "schema"]
+        schema = dict(parse_qsl(parts.query)).get("schema")
+        if schema and "schema" not in options:
+            options["schema"] = schema
+        return PostgresStore(urlunsplit(parts._replace(query=urlencode(query))), **options)
     if "://" in url and not url.startswith("sqlite://"):
         raise ConfigurationError(f"unknown store URL {url!r}: use sqlite:///path.db or postgresql://…")
     return SQLiteStore(path_from_url(url), **options)

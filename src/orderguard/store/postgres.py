@@ -152,7 +152,7 @@ s AS (
 ),
 a AS (INSERT INTO attempts({_ATTEMPT_COLS}) SELECT {", ".join(attempt_values)} FROM s RETURNING id),
 i AS (INSERT INTO intents({INTENT_COLUMNS}) SELECT {", ".join(intent_values)} FROM s, a RETURNING id, state),
-n AS (SELECT pg_notify('{CHANNEL}', json_build_object('intent', i.id, 'state', i.state)::text) FROM i)
+n AS (SELECT pg_notify(%(channel)s, json_build_object('intent', i.id, 'state', i.state)::text) FROM i)
 SELECT (SELECT now FROM clk), (SELECT count(*) FROM ok), (SELECT fence FROM s), (SELECT id FROM a),
        (SELECT count(*) FROM n), (SELECT count(*) FROM carry)
 """
@@ -211,6 +211,8 @@ class PostgresStore(Store):
             raise ConfigurationError(f"schema name {schema!r} must be letters, digits and '_'")
         self.url = url
         self.schema = schema
+        # One channel per ledger: ledgers in other schemas of the database do not hear ours.
+        self.channel = CHANNEL + (f"_{schema}" if schema else "")
         self._clock = clock
         options = (
             f"-c statement_timeout={int(statement_timeout * 1000)} -c lock_timeout={int(lock_timeout * 1000)} "
@@ -229,6 +231,7 @@ class PostgresStore(Store):
         self._pid = os.getpid()
         self._offset: float | None = None  # server clock minus this host's clock
         self._last_used: dict[int, float] = {}  # id(connection) -> when it was last returned
+        self.created = False  # whether opening it created the schema
         self.namespace = self._open_schema(create)
 
     # ------------------------------------------------------------------------ connections
@@ -294,6 +297,7 @@ class PostgresStore(Store):
             # Serialises concurrent creators; released at commit (transaction-scoped).
             conn.execute("SELECT pg_advisory_xact_lock(hashtext('orderguard-schema'))")
             have = _scalar(conn, "SELECT to_regclass('meta') IS NOT NULL")
+            self.created = not have
             if not have:
                 if not create:
                     raise StoreUnavailable(f"no orderguard ledger in {self._where()}; run `orderguard migrate`")
@@ -391,7 +395,7 @@ class PostgresStore(Store):
             attempt_id = int(_scalar(conn, _INSERT_ATTEMPT, row))
             params[1], params[2], params[ATTEMPT_SLOT] = coid, fence, attempt_id
             conn.execute(_INSERT_INTENT, params)
-            self._notify(conn, intent_id, state)
+            self._notify(conn, intent_id, state, self.channel)
         record = new_intent_record(intent, intent_id, coid, fence, keys, state, caller, now, attempt_id, send_by_at)
         message = f"CLAIMED {intent.describe()} from {intent.source} as {coid} (fence {fence})"
         return ClaimDecision(claimed=True, attempt_id=attempt_id, intent=record, message=message, rules=rules)
@@ -427,7 +431,7 @@ class PostgresStore(Store):
             fixed_now=self._clock() if self._clock is not None else None,
             estimate=None if self._clock is not None else estimate, tolerance=CLOCK_TOLERANCE,
             base=rule.base, key=rule.key, kind=rule.kind.value, id=intent_id, seconds=rule.seconds,
-            head=client_order_id_head(self.namespace, rule.key), deadline=send_deadline,
+            head=client_order_id_head(self.namespace, rule.key), deadline=send_deadline, channel=self.channel,
         )
         try:
             with self._get_pool().connection() as conn:
@@ -498,9 +502,9 @@ class PostgresStore(Store):
         return None if found is None else (found[0], BlockReason.UNKNOWN_PENDING, found[1])
 
     @staticmethod
-    def _notify(conn: psycopg.Connection[Any], intent_id: str, state: State) -> None:
+    def _notify(conn: psycopg.Connection[Any], intent_id: str, state: State, channel: str) -> None:
         # Delivered at commit, to every listener on every host (dashboard, waiting processes).
-        conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, json.dumps({"intent": intent_id, "state": state.value})))
+        conn.execute("SELECT pg_notify(%s, %s)", (channel, json.dumps({"intent": intent_id, "state": state.value})))
 
     # ------------------------------------------------------------------------ transitions
 
@@ -554,7 +558,7 @@ class PostgresStore(Store):
             )
             if released:
                 conn.execute("DELETE FROM holds WHERE intent_id = %s", (intent_id,))
-            self._notify(conn, intent_id, target)
+            self._notify(conn, intent_id, target, self.channel)
             return self._current(conn, intent_id)
 
     def note_lookup_miss(self, intent_id: str, fence: int, at: float) -> IntentRecord:
@@ -645,7 +649,7 @@ class PostgresStore(Store):
         psycopg = self._psycopg
         try:
             with psycopg.connect(self.url, autocommit=True, **self._kwargs) as conn:
-                conn.execute(f"LISTEN {CHANNEL}")
+                conn.execute(f"LISTEN {self.channel}")
                 for note in conn.notifies(timeout=timeout):
                     yield json.loads(note.payload)
         except psycopg.Error as exc:
