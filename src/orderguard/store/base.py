@@ -17,11 +17,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from ..errors import ClockError
+from ..errors import ClockError, FencedOut, InvalidTransition
 from ..policies import ScopeKind, ScopeRule
-from ..states import PENDING, WORKING, State
+from ..states import PENDING, TERMINAL, WORKING, State, can_transition
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -309,6 +309,44 @@ def unknown_from_earlier_window(
                 if any(k.startswith(rule.base) and k != rule.key for k in rec.scope_keys):
                     return rule, rec
     return None
+
+
+def check_transition(current: IntentRecord, fence: int, target: State) -> bool:
+    """The compare-and-set rules every store applies before writing a transition.
+
+    Raises FencedOut (stale fence) or InvalidTransition (forbidden by the state machine);
+    returns True when the write can be skipped (a final state reported again).
+    """
+    if current.fence != fence:
+        raise FencedOut(
+            f"intent {current.id} ({current.client_order_id}) is now at fence {current.fence} "
+            f"in state {current.state.value}; this writer's fence {fence} is stale, so its "
+            f"{target.value} was refused. The reconciler or a newer owner decided instead."
+        )
+    if current.state is target and target in TERMINAL:
+        return True
+    if not can_transition(current.state, target):
+        raise InvalidTransition(f"intent {current.id} cannot go from {current.state.value} to {target.value}")
+    return False
+
+
+def check_closable(current: IntentRecord) -> None:
+    """Only a finished order that filled opened a position that can be marked closed."""
+    if not (current.state in TERMINAL and current.filled_quantity > 0):
+        raise InvalidTransition(
+            f"intent {current.id} is {current.state.value} with {current.filled_quantity} filled, so its "
+            "position cannot be closed yet: only a finished order that filled opened one (cancel or "
+            "reconcile it first)"
+        )
+
+
+def net_positions(rows: Sequence[Sequence[Any]]) -> dict[tuple[str, str], Decimal]:
+    """Buys minus sells per (account, symbol) from (account, symbol, side, filled) rows."""
+    totals: dict[tuple[str, str], Decimal] = {}
+    for account, symbol, side, filled in rows:
+        signed = Decimal(filled) if side == "BUY" else -Decimal(filled)
+        totals[(account, symbol)] = totals.get((account, symbol), Decimal(0)) + signed
+    return totals
 
 
 class Store(ABC):

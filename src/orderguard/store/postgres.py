@@ -17,7 +17,6 @@ import time
 import uuid
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from ..errors import (
@@ -33,7 +32,7 @@ from ..errors import (
 from ..intent import canonical_decimal
 from ..messages import block_message
 from ..policies import ScopeKind, ScopeRule
-from ..states import PENDING, TERMINAL, State, can_transition, releases
+from ..states import PENDING, State, releases
 from .base import (
     DEFAULT_SEND_DEADLINE,
     SCHEMA_VERSION,
@@ -44,10 +43,13 @@ from .base import (
     IntentRecord,
     Store,
     TransitionFields,
+    check_closable,
+    check_transition,
     checked_clock,
     client_order_id_head,
     explain_block,
     fence_text,
+    net_positions,
     new_intent_id,
     unknown_from_earlier_window,
 )
@@ -65,6 +67,7 @@ from .schema_sqlite import ATTEMPT_COLUMNS, INTENT_COLUMNS
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
+    from decimal import Decimal
 
     import psycopg
 
@@ -528,16 +531,8 @@ class PostgresStore(Store):
         facts = facts or TransitionFields()
         with self._tx("transition") as conn:
             current = self._current(conn, intent_id, lock=True)
-            if current.fence != fence:
-                raise FencedOut(
-                    f"intent {intent_id} ({current.client_order_id}) is now at fence {current.fence} "
-                    f"in state {current.state.value}; this writer's fence {fence} is stale, so its "
-                    f"{target.value} was refused. The reconciler or a newer owner decided instead."
-                )
-            if current.state is target and target in TERMINAL:
-                return current
-            if not can_transition(current.state, target):
-                raise InvalidTransition(f"intent {intent_id} cannot go from {current.state.value} to {target.value}")
+            if check_transition(current, fence, target):
+                return current  # repeating a final report is harmless
             new_fence = fence
             if take_over:
                 new_fence = int(_scalar(conn, "UPDATE scopes SET fence = fence + 1 WHERE key = %s RETURNING fence", (current.scope_key,)))
@@ -572,12 +567,7 @@ class PostgresStore(Store):
     def mark_closed(self, intent_id: str) -> IntentRecord:
         with self._tx("mark closed") as conn:
             current = self._current(conn, intent_id, lock=True)
-            if not (current.state in TERMINAL and current.filled_quantity > 0):
-                raise InvalidTransition(
-                    f"intent {intent_id} is {current.state.value} with {current.filled_quantity} filled, so its "
-                    "position cannot be closed yet: only a finished order that filled opened one (cancel or "
-                    "reconcile it first)"
-                )
+            check_closable(current)
             conn.execute("UPDATE intents SET closed = 1, updated_at = %s WHERE id = %s", (self._server_now(conn), intent_id))
             conn.execute("DELETE FROM holds WHERE intent_id = %s", (intent_id,))
             return self._current(conn, intent_id)
@@ -636,13 +626,9 @@ class PostgresStore(Store):
         return [attempt_from_row(r) for r in rows]
 
     def filled_positions(self) -> dict[tuple[str, str], Decimal]:
-        totals: dict[tuple[str, str], Decimal] = {}
         with self._tx("read") as conn:
             rows = conn.execute("SELECT account, symbol, side, filled_quantity FROM intents").fetchall()
-        for account, symbol, side, filled in rows:
-            signed = Decimal(filled) if side == "BUY" else -Decimal(filled)
-            totals[(account, symbol)] = totals.get((account, symbol), Decimal(0)) + signed
-        return totals
+        return net_positions(rows)
 
     def listen(self, timeout: float | None = None) -> Iterator[dict[str, str]]:
         """State changes from every process on every host: ``{"intent": id, "state": S}``."""

@@ -14,7 +14,6 @@ import sqlite3
 import time
 import uuid
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
@@ -23,7 +22,6 @@ from ..errors import (
     ConfigurationError,
     FencedOut,
     IntentNotFound,
-    InvalidTransition,
     SchemaMismatch,
     StoreUnavailable,
     UnsupportedFilesystem,
@@ -31,7 +29,7 @@ from ..errors import (
 from ..intent import canonical_decimal
 from ..messages import block_message
 from ..policies import ScopeKind, ScopeRule
-from ..states import PENDING, TERMINAL, State, can_transition, releases
+from ..states import PENDING, State, releases
 from .base import (
     DEFAULT_SEND_DEADLINE,
     SCHEMA_VERSION,
@@ -42,10 +40,13 @@ from .base import (
     IntentRecord,
     Store,
     TransitionFields,
+    check_closable,
+    check_transition,
     checked_clock,
     client_order_id_head,
     explain_block,
     fence_text,
+    net_positions,
     new_intent_id,
     unknown_from_earlier_window,
 )
@@ -62,6 +63,7 @@ from .schema_sqlite import ATTEMPT_COLUMNS, INTENT_COLUMNS, SCHEMA_V1
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
+    from decimal import Decimal
 
     from ..intent import OrderIntent
     from ..policies import Policy
@@ -348,18 +350,8 @@ class SQLiteStore(Store):
         facts = facts or TransitionFields()
         with self._db.write("transition") as conn:
             current = self._current(conn, intent_id)
-            if current.fence != fence:
-                raise FencedOut(
-                    f"intent {intent_id} ({current.client_order_id}) is now at fence {current.fence} "
-                    f"in state {current.state.value}; this writer's fence {fence} is stale, so its "
-                    f"{target.value} was refused. The reconciler or a newer owner decided instead."
-                )
-            if current.state is target and target in TERMINAL:
+            if check_transition(current, fence, target):
                 return current  # repeating a final report is harmless
-            if not can_transition(current.state, target):
-                raise InvalidTransition(
-                    f"intent {intent_id} cannot go from {current.state.value} to {target.value}"
-                )
             new_fence = fence
             if take_over:
                 new_fence = int(conn.execute(
@@ -398,13 +390,7 @@ class SQLiteStore(Store):
     def mark_closed(self, intent_id: str) -> IntentRecord:
         with self._db.write("mark closed") as conn:
             current = self._current(conn, intent_id)
-            done_with_fill = current.state in TERMINAL and current.filled_quantity > 0
-            if not done_with_fill:
-                raise InvalidTransition(
-                    f"intent {intent_id} is {current.state.value} with {current.filled_quantity} filled, so its "
-                    "position cannot be closed yet: only a finished order that filled opened one (cancel or "
-                    "reconcile it first)"
-                )
+            check_closable(current)
             conn.execute("UPDATE intents SET closed = 1, updated_at = ? WHERE id = ?", (self.now(), intent_id))
             conn.execute("DELETE FROM holds WHERE intent_id = ?", (intent_id,))
             return self._current(conn, intent_id)
@@ -463,12 +449,8 @@ class SQLiteStore(Store):
         return [attempt_from_row(r) for r in rows]
 
     def filled_positions(self) -> dict[tuple[str, str], Decimal]:
-        totals: dict[tuple[str, str], Decimal] = {}
         rows = self._db.read("SELECT account, symbol, side, filled_quantity FROM intents")
-        for account, symbol, side, filled in rows:
-            signed = Decimal(filled) if side == "BUY" else -Decimal(filled)
-            totals[(account, symbol)] = totals.get((account, symbol), Decimal(0)) + signed
-        return totals
+        return net_positions(rows)
 
     def close(self) -> None:
         self._db.close()
