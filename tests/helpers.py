@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import functools
+import json
+import os
 import subprocess
 import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
 
 from orderguard import OrderIntent, Side
 from orderguard.store.base import Caller, this_host
@@ -23,3 +30,34 @@ def dead_caller() -> Caller:
     """The identity a killed process leaves in the ledger: this host, a pid that has exited."""
     out = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
     return Caller(host=this_host(), pid=int(out.stdout), runner="crashed", thread="MainThread", started="exited")
+
+
+def unavailable(why: str) -> None:
+    """A service a test needs is missing: with CI=true that is a failure, elsewhere a skip."""
+    if os.environ.get("CI", "").strip().lower() == "true":
+        pytest.fail(f"{why} (CI=true: this test must run, not skip)", pytrace=False)
+    pytest.skip(why)
+
+
+def finish(proc: subprocess.Popen[str], timeout: float) -> tuple[int, dict[str, Any] | None, str]:
+    """Wait for a child: its return code, its last JSON line (None if it printed none), its stderr."""
+    out, err = proc.communicate(timeout=timeout)
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    return proc.returncode, (json.loads(lines[-1]) if lines else None), err
+
+
+def wait_stopped(proc: subprocess.Popen[str], timeout: float) -> None:
+    """Poll /proc/<pid>/stat until the child is in state T (stopped by SIGSTOP)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            _, err = proc.communicate()
+            pytest.fail(f"child exited with {proc.returncode} before pausing: {err}")
+        try:
+            stat = Path(f"/proc/{proc.pid}/stat").read_text()
+        except FileNotFoundError:
+            stat = ""
+        if stat and stat.rsplit(")", 1)[1].split()[0] in ("T", "t"):
+            return
+        time.sleep(0.02)
+    pytest.fail(f"child {proc.pid} did not stop within {timeout}s")

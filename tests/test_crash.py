@@ -25,7 +25,9 @@ import pytest
 from orderguard import BlockReason, Ever, Guard, OncePer, Outcome, State, _crash
 from orderguard.brokers import OrderStatus, PaperBroker
 
+from .helpers import finish as _finish
 from .helpers import make_intent
+from .helpers import wait_stopped as _wait_stopped
 
 pytestmark = pytest.mark.slow
 
@@ -112,28 +114,8 @@ def children(ledger_url: str, paper_url: str) -> Iterator[Children]:
         kids.kill_all()
 
 
-def finish(proc: subprocess.Popen[str]) -> tuple[int, dict[str, Any] | None, str]:
-    """Wait for a child; its return code, its JSON line (None if it printed none) and stderr."""
-    out, err = proc.communicate(timeout=CHILD_TIMEOUT)
-    lines = [line for line in out.splitlines() if line.startswith("{")]
-    return proc.returncode, (json.loads(lines[-1]) if lines else None), err
 
 
-def wait_stopped(proc: subprocess.Popen[str], timeout: float = CHILD_TIMEOUT) -> None:
-    """Poll /proc/<pid>/stat until the child is in state T (stopped by SIGSTOP)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            _, err = proc.communicate()
-            pytest.fail(f"child exited with {proc.returncode} before pausing: {err}")
-        try:
-            stat = Path(f"/proc/{proc.pid}/stat").read_text()
-        except FileNotFoundError:
-            stat = ""
-        if stat and stat.rsplit(")", 1)[1].split()[0] in ("T", "t"):
-            return
-        time.sleep(0.02)
-    pytest.fail(f"child {proc.pid} did not stop within {timeout}s")
 
 
 def only_intent(guard: Guard) -> Any:
@@ -339,3 +321,11 @@ def test_paused_before_send_does_not_send_after_the_scope_was_freed(
     finally:
         broker.close()
         guard.close()
+
+
+def finish(proc: subprocess.Popen[str]) -> tuple[int, dict[str, Any] | None, str]:
+    return _finish(proc, CHILD_TIMEOUT)
+
+
+def wait_stopped(proc: subprocess.Popen[str], timeout: float = CHILD_TIMEOUT) -> None:
+    _wait_stopped(proc, timeout)

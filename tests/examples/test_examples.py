@@ -26,18 +26,12 @@ import pytest
 
 from orderguard import Guard
 from orderguard.brokers import PaperBroker
+from tests.helpers import unavailable
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-IN_CI = os.environ.get("CI", "").strip().lower() == "true"
 REDIS_HOST, REDIS_PORT, REDIS_DB = "127.0.0.1", 6379, 14
 REDIS_START = 'redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no'
 SAME_INTENT = {"IN_FLIGHT", "DUPLICATE"}  # blocked by an identical intent in flight or executed
-
-
-def unavailable(why: str) -> None:
-    if IN_CI:
-        pytest.fail(f"{why} (CI=true: the integration examples must run, not skip)", pytrace=False)
-    pytest.skip(why)
 
 
 def require(*modules: str) -> None:
