@@ -313,11 +313,13 @@ def test_migrate_creates_then_reports_and_changes_nothing(tmp_path: Path) -> Non
     store = tmp_path / "new.db"
     code, out, err = cli("migrate", "--store", store)
     assert code == 0, err
-    assert out.strip() == f"created ledger {store} (schema version 1)"
+    assert out.strip() == f"created ledger {store} (schema version 2)"
     with Unchanged(store):
         code, out, _ = cli("migrate", "--store", store)
-        assert code == 0 and out.strip() == f"ledger {store} already at schema version 1; nothing changed"
-        assert cli_json("migrate", "--store", store) == {"ledger": str(store), "created": False, "schema_version": 1}
+        assert code == 0 and out.strip() == f"ledger {store} already at schema version 2; nothing changed"
+        assert cli_json("migrate", "--store", store) == {
+            "ledger": str(store), "created": False, "upgraded_from": None, "schema_version": 2,
+        }
     assert cli_json("intents", "--store", store)["intents"] == []
 
 
@@ -404,13 +406,13 @@ def test_store_locked_by_a_writer_during_reconcile_changes_nothing(ledger: Ledge
 
 def test_newer_schema_is_refused_unchanged(ledger: Ledger) -> None:
     with sqlite3.connect(ledger.path) as conn:
-        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+        conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     conn.close()
     for command in (["status"], ["intents", "--json"], ["migrate"], ["reconcile", "--broker", ledger.broker_spec]):
         with Unchanged(ledger.path):
             code, out, err = cli(*command, "--store", ledger.path)
         assert code == EXIT_STORE and out == "", command
-        assert_one_line_error(err, "schema version 2", "Upgrade orderguard")
+        assert_one_line_error(err, "schema version 99", "Upgrade orderguard")
 
 
 def test_junk_file_is_refused_unchanged(tmp_path: Path) -> None:

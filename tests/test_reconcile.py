@@ -344,7 +344,16 @@ def test_an_order_placed_outside_the_guard_shows_up_as_drift(guard: Guard, broke
     assert report.drift == [Drift("main", "SPX", Decimal(4), Decimal(7))]
     assert report.drift[0].difference == Decimal(3)
     assert not report.clean
-    assert report.lines() == ["DRIFT main SPX: ledger 4, venue 7 (difference 3)"]
+    assert report.lines()[0] == "DRIFT main SPX: ledger 4, venue 7 (difference 3)"
+    # The drifting account and symbol are halted (cause DRIFT) until an operator resumes them.
+    (halt,) = report.halts
+    assert (halt.scope, halt.cause.value, halt.state.value) == ("account=main,symbol=SPX", "DRIFT", "HALTED")
+    assert report.lines()[1] == f"HALTED account=main,symbol=SPX: {halt.reason}"
+    assert guard.halts() == [halt]
+    blocked = guard.submit(make_intent(quantity=1), broker, policy=OncePer(Ever(), by=("strategy", "quantity")))
+    assert blocked.reason is BlockReason.HALTED and "DRIFT" in blocked.message
+    # A second run does not halt again (the first cause is kept).
+    assert guard.reconcile(broker, grace=GRACE).halts == []
 
 
 def test_drift_of_a_symbol_only_the_venue_holds(guard: Guard, broker: PaperBroker) -> None:
@@ -353,7 +362,18 @@ def test_drift_of_a_symbol_only_the_venue_holds(guard: Guard, broker: PaperBroke
     report = guard.reconcile(broker, grace=GRACE)
     assert report.drift == [Drift("main", "NDX", Decimal(0), Decimal("-1.5"))]
     assert report.drift[0].difference == Decimal("-1.5")
-    assert report.lines() == ["DRIFT main NDX: ledger 0, venue -1.5 (difference -1.5)"]
+    assert report.lines()[0] == "DRIFT main NDX: ledger 0, venue -1.5 (difference -1.5)"
+    assert [h.scope for h in report.halts] == ["account=main,symbol=NDX"]
+
+
+def test_drift_explained_by_an_unresolved_intent_is_reported_but_not_halted(
+    guard: Guard, open_broker: Callable[..., PaperBroker]
+) -> None:
+    broker = open_broker(faults=PaperFaults(lose_ack=1, lookup_lag=30))
+    guard.submit(make_intent(), broker, policy=POLICY)  # UNKNOWN: at the venue, not in the ledger's fills
+    report = guard.reconcile(broker, grace=GRACE, wait=False)
+    assert report.drift == [Drift("main", "SPX", Decimal(0), Decimal(4))]
+    assert report.halts == [] and guard.halts() == []
 
 
 def test_drift_counts_accounts_whose_intents_are_not_filled_yet(

@@ -16,6 +16,7 @@ from .states import PENDING, State
 from .store.base import BlockReason, ClaimDecision, IntentRecord, TransitionFields
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from decimal import Decimal
 
     from .brokers.base import BrokerOrder
@@ -84,8 +85,12 @@ class Claim:
     the intent over, a late report is refused (logged, and the ledger's truth kept).
     """
 
-    def __init__(self, store: Store, decision: ClaimDecision, *, send_deadline: float, started: float) -> None:
+    def __init__(
+        self, store: Store, decision: ClaimDecision, *, send_deadline: float, started: float,
+        observer: Callable[[str, IntentRecord, str], None] | None = None,
+    ) -> None:
         self._store = store
+        self._observer = observer  # told of UNKNOWN outcomes and ledger write failures (breakers)
         self.decision = decision
         self._record = decision.intent
         # The owner's fencing token: never refreshed from the ledger, so once the reconciler has
@@ -261,7 +266,13 @@ class Claim:
             with contextlib.suppress(StoreError):
                 self._record = self._store.get(current.id)  # show the ledger's truth, keep our fence
             raise
+        except StoreError as exc:
+            if self._observer is not None and self.send_started:
+                self._observer("store_failure", current, f"{type(exc).__name__}: {exc}")
+            raise
         self.reported = True
+        if target is State.UNKNOWN and self._observer is not None:
+            self._observer("unknown", self._record, facts.note or "")
         return self._record
 
     # --------------------------------------------------------------- context management

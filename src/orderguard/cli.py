@@ -280,7 +280,7 @@ def migrate(
     store: StoreOpt = None,
     busy_timeout: BusyOpt = None,
 ) -> None:
-    """Create the ledger's schema if missing and report its version. Safe to run twice."""
+    """Create the ledger's schema if missing, upgrade an older one, report its version. Safe to run twice."""
     choice = _choice(ctx, store, busy_timeout)
     with reported(choice.origin):
         # An existing file is only opened, never written into: a file that is not a ledger is refused.
@@ -292,11 +292,16 @@ def migrate(
             ledger = open_ledger(choice, create=True)
             created = bool(getattr(ledger, "created", False))
         else:
-            ledger = open_ledger(choice, create=created)
+            ledger = open_ledger(choice, create=created, upgrade=True)
+        upgraded_from = getattr(ledger, "upgraded_from", None)
         ledger.close()
     if as_json:
-        _emit_json({"ledger": choice.where, "created": created, "schema_version": SCHEMA_VERSION})
+        _emit_json({
+            "ledger": choice.where, "created": created, "upgraded_from": upgraded_from, "schema_version": SCHEMA_VERSION,
+        })
     elif created:
         typer.echo(f"created ledger {choice.where} (schema version {SCHEMA_VERSION})")
+    elif upgraded_from is not None:
+        typer.echo(f"upgraded ledger {choice.where} from schema version {upgraded_from} to {SCHEMA_VERSION} (tables added, nothing else changed)")
     else:
         typer.echo(f"ledger {choice.where} already at schema version {SCHEMA_VERSION}; nothing changed")

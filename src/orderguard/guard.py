@@ -9,12 +9,14 @@ import inspect
 import logging
 import os
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _crash
+from .alerts import AlertKind, Notifier
 from .claim import Claim, Outcome, SubmitResult, _current
 from .errors import (
     ConfigurationError,
@@ -27,16 +29,29 @@ from .errors import (
     SendDeadlineExceeded,
     StoreError,
 )
+from .halts import HaltCause, HaltRecord, TradingState
 from .intent import OrderIntent
-from .policies import PolicyArg, as_policies
+from .policies import PolicyArg, as_policies, canonical_halt_scope, scope_text
+from .runners import (
+    LeaseRequest,
+    RunnerRecord,
+    code_files,
+    fingerprint,
+    git_commit,
+    new_runner_id,
+    runner_flags,
+)
 from .states import TERMINAL, State
 from .store import open_store
-from .store.base import Caller, TransitionFields
+from .store.base import BlockReason, Caller, TransitionFields, this_host
 
 if TYPE_CHECKING:
+    from types import ModuleType
+
+    from .alerts import Sink
     from .brokers.base import Broker, BrokerOrder
     from .reconcile import ReconcileReport
-    from .store.base import AttemptRecord, BlockReason, IntentRecord, Store
+    from .store.base import AttemptRecord, ClaimDecision, IntentRecord, Store
 
 log = logging.getLogger("orderguard")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -69,14 +84,63 @@ class Guard:
         runner: str | None = None,
         send_deadline: float = 10.0,
         stale_after: float = 20.0,
+        strategy: str | None = None,
+        code: Sequence[ModuleType | str | os.PathLike[str]] = (),
+        exclusive: str | None = None,
+        lease_seconds: float = 15.0,
+        heartbeat_every: float = 5.0,
+        alerts: Notifier | Sequence[Sink | str] | None = None,
+        halt_after_unknown: int | None = 3,
+        halt_on_ledger_failure: bool = True,
+        register: bool = True,
     ) -> None:
         if not (send_deadline > 0 and stale_after >= 0):
             raise ConfigurationError("need send_deadline > 0 and stale_after >= 0 (seconds)")
+        if not (heartbeat_every > 0 and lease_seconds > 0):
+            raise ConfigurationError("need heartbeat_every > 0 and lease_seconds > 0 (seconds)")
+        if exclusive is not None and not (isinstance(exclusive, str) and 0 < len(exclusive) <= 64):
+            raise ConfigurationError("exclusive= names the strategy whose lease this guard competes for (1-64 characters)")
+        if halt_after_unknown is not None and halt_after_unknown < 1:
+            raise ConfigurationError("halt_after_unknown must be a positive count, or None to never halt on UNKNOWNs")
         self.store = store
         self.default_policy = None if policy is None else as_policies(policy)
         self.runner = runner or os.path.basename(sys.argv[0] or "python") or "python"
         self.send_deadline = float(send_deadline)
         self.stale_after = float(stale_after)
+        self.halt_after_unknown = halt_after_unknown
+        self.halt_on_ledger_failure = halt_on_ledger_failure
+        self.exclusive = exclusive
+        self.strategy = strategy or exclusive or self.runner
+        self._own_notifier = alerts is not None and not isinstance(alerts, Notifier)
+        self.alerts: Notifier | None = (
+            alerts if isinstance(alerts, Notifier) or alerts is None else Notifier(alerts)
+        )
+        # Halts this guard could not record (the ledger failed): recorded before its next claim.
+        self._pending_halts: list[tuple[str, HaltCause, str]] = []
+        self._pending_lock = threading.Lock()
+        self.runner_id = new_runner_id()
+        # A lease must be renewed well before it lapses: at least three beats per lease.
+        every = min(float(heartbeat_every), float(lease_seconds) / 3) if exclusive else float(heartbeat_every)
+        self._lease = LeaseRequest(exclusive, self.runner_id, float(lease_seconds)) if exclusive else None
+        self._heartbeat: _Heartbeat | None = None
+        self.registration: RunnerRecord | None = None
+        if register:
+            files = code_files(code)
+            record = RunnerRecord(
+                id=self.runner_id, runner=self.runner, strategy=self.strategy, host=this_host(), pid=os.getpid(),
+                started=Caller.current(self.runner).started, version=_version(), fingerprint=fingerprint(files),
+                git_commit=git_commit(files), modules=",".join(str(f) for f in files), exclusive=exclusive,
+                heartbeat_every=every,
+            )
+            self.registration = store.register_runner(record)
+            log.info(
+                "runner %s registered for strategy %s (code %s%s)%s", self.runner, self.strategy, record.fingerprint,
+                f", git {record.git_commit[:10]}" if record.git_commit else "",
+                f", competing for exclusive {exclusive!r}" if exclusive else "",
+            )
+            self._heartbeat = _Heartbeat(self, every)
+            self._heartbeat.check_peers()
+            self._heartbeat.start()
 
     @classmethod
     def open(
@@ -87,16 +151,48 @@ class Guard:
         runner: str | None = None,
         send_deadline: float = 10.0,
         stale_after: float = 20.0,
+        strategy: str | None = None,
+        code: Sequence[ModuleType | str | os.PathLike[str]] = (),
+        exclusive: str | None = None,
+        lease_seconds: float = 15.0,
+        heartbeat_every: float = 5.0,
+        alerts: Notifier | Sequence[Sink | str] | None = None,
+        halt_after_unknown: int | None = 3,
+        halt_on_ledger_failure: bool = True,
+        register: bool = True,
         **store_options: Any,
     ) -> Guard:
         """Open a guard on a ledger URL (default ``sqlite:///orderguard.db``).
 
         ``store_options`` go to the store (SQLite: ``synchronous``, ``busy_timeout``, ``clock``).
+        The other options are :class:`Guard`'s.
         """
         store = open_store(url or DEFAULT_STORE_URL, **store_options)
-        return cls(store, policy=policy, runner=runner, send_deadline=send_deadline, stale_after=stale_after)
+        try:
+            return cls(
+                store, policy=policy, runner=runner, send_deadline=send_deadline, stale_after=stale_after,
+                strategy=strategy, code=code, exclusive=exclusive, lease_seconds=lease_seconds,
+                heartbeat_every=heartbeat_every, alerts=alerts, halt_after_unknown=halt_after_unknown,
+                halt_on_ledger_failure=halt_on_ledger_failure, register=register,
+            )
+        except BaseException:
+            store.close()
+            raise
 
     def close(self) -> None:
+        """Stop heartbeating, mark the runner stopped (its lease is given up), close the store."""
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
+            try:
+                self.store.stop_runner(self.runner_id)
+            except StoreError as exc:
+                log.warning("runner %s could not record its stop: %s", self.runner, exc)
+        if self.alerts is not None:
+            if self._own_notifier:
+                self.alerts.close()
+            else:
+                self.alerts.flush(timeout=5.0)
         self.store.close()
 
     def __enter__(self) -> Guard:
@@ -116,22 +212,145 @@ class Guard:
         if policies is None:
             policies = as_policies(None)  # raises the explanatory InvalidPolicy
         caller = Caller.current(self.runner, task)
+        if self._pending_halts:
+            self._record_pending_halts()
         started = time.monotonic()
         # An opaque owner (a decorated function) may send at any time while it runs: no deadline.
         deadline = None if opaque else self.send_deadline
-        decision = self.store.claim(intent, policies, caller, state=state, send_deadline=deadline)
+        decision = self.store.claim(
+            intent, policies, caller, state=state, send_deadline=deadline, exclusive=self._lease
+        )
         if decision.claimed:
             log.info(decision.message, extra={"intent_id": decision.intent.id if decision.intent else None})
         else:
-            log.warning(
-                decision.message,
+            level = logging.INFO if decision.reason is BlockReason.NOT_LEADER else logging.WARNING
+            log.log(
+                level, decision.message,
                 extra={
                     "reason": decision.reason.value if decision.reason else None,
                     "holder_id": decision.holder.id if decision.holder else None,
                     "strategy": intent.strategy, "symbol": intent.symbol,
                 },
             )
-        return Claim(self.store, decision, send_deadline=self.send_deadline, started=started)
+            self._alert_block(decision)
+        send_deadline = self.send_deadline
+        record = decision.intent
+        if decision.lease is not None and record is not None and record.send_by_at is not None:
+            # the store cut the deadline to the lease's expiry: a standby may lead after it
+            send_deadline = min(send_deadline, max(0.0, record.send_by_at - record.created_at))
+        return Claim(self.store, decision, send_deadline=send_deadline, started=started, observer=self._observe)
+
+    # ------------------------------------------------------------------ breakers & alerts
+
+    def _alert_block(self, decision: ClaimDecision) -> None:
+        if self.alerts is None or decision.reason in (None, BlockReason.NOT_LEADER):
+            return
+        if decision.reason is BlockReason.HALTED and decision.halt is not None:
+            kind = AlertKind.HALTED
+            scope = decision.halt.scope
+            message = (f"BREAKER TRIPPED, {scope} HALTED: " if decision.tripped else "") + decision.message
+        elif decision.tripped and decision.halt is not None:
+            kind, scope = AlertKind.HALTED, decision.halt.scope
+            message = f"BREAKER TRIPPED, {scope} HALTED: {decision.message}"
+        else:
+            kind = AlertKind.BLOCKED
+            scope = decision.rule.key if decision.rule is not None else str(decision.reason)
+            message = decision.message
+        self.alerts.notify(kind, scope, message, reason=str(decision.reason))
+
+    def _observe(self, event: str, record: IntentRecord, detail: str) -> None:
+        """Claims report UNKNOWN outcomes and ledger write failures here. Never raises."""
+        try:
+            if event == "unknown":
+                self._unknown_seen(record, detail)
+            elif event == "store_failure" and self.halt_on_ledger_failure:
+                self._halt_later(
+                    record.strategy, HaltCause.LEDGER_WRITE_FAILURE,
+                    f"recording the outcome of {record.client_order_id} ({record.symbol}) failed: {detail}; "
+                    "reconcile it once the ledger is back",
+                )
+        except Exception:
+            log.exception("breaker check after %s of %s failed", event, record.client_order_id)
+
+    def _unknown_seen(self, record: IntentRecord, detail: str) -> None:
+        if self.alerts is not None:
+            self.alerts.notify(
+                AlertKind.UNKNOWN, scope_text(strategy=record.strategy, symbol=record.symbol),
+                f"ORDER OUTCOME UNKNOWN: {record.strategy} {record.symbol} {record.side} {record.quantity} "
+                f"({record.client_order_id}): {detail}. Run `orderguard reconcile --broker ...`.",
+            )
+        if self.halt_after_unknown is None:
+            return
+        unknown = self.store.intents(states=[State.UNKNOWN], strategy=record.strategy, limit=self.halt_after_unknown)
+        if len(unknown) >= self.halt_after_unknown:
+            self.halt(
+                scope_text(strategy=record.strategy),
+                reason=(
+                    f"{len(unknown)} orders of strategy {record.strategy} have unknown outcomes (latest "
+                    f"{record.client_order_id}: {detail}); the venue or the network is failing"
+                ),
+                cause=HaltCause.UNKNOWN_OUTCOMES, only_if_active=True,
+            )
+
+    def _halt_later(self, strategy: str, cause: HaltCause, reason: str) -> None:
+        scope = scope_text(strategy=strategy)
+        with self._pending_lock:
+            self._pending_halts.append((scope, cause, reason))
+        log.error("HALTING %s (%s): %s", scope, cause.value, reason)
+        if self.alerts is not None:
+            self.alerts.notify(AlertKind.HALTED, scope, f"HALTING {scope} ({cause.value}): {reason}")
+        with contextlib.suppress(StoreError):
+            self._record_pending_halts()
+
+    def _record_pending_halts(self) -> None:
+        """Write halts that failed to reach the ledger; a failure here fails the claim (closed)."""
+        with self._pending_lock:
+            pending, self._pending_halts = self._pending_halts, []
+        try:
+            while pending:
+                scope, cause, reason = pending[0]
+                self.halt(scope, reason=reason, cause=cause, only_if_active=True, notify=False)
+                pending.pop(0)
+        finally:
+            if pending:
+                with self._pending_lock:
+                    self._pending_halts[:0] = pending
+
+    def halt(
+        self,
+        scope: str,
+        *,
+        reason: str,
+        reducing: bool = False,
+        cause: HaltCause = HaltCause.OPERATOR,
+        only_if_active: bool = False,
+        notify: bool = True,
+    ) -> HaltRecord | None:
+        """Kill switch: HALT (or, with ``reducing=True``, allow only position-shrinking orders in)
+        a trading scope — ``"global"``, ``"strategy=x"``, ``"account=a,symbol=SPX"`` — for every
+        process and host using this ledger, until :meth:`resume`."""
+        scope = canonical_halt_scope(scope)
+        if only_if_active and any(h.scope == scope for h in self.store.halts()):
+            return None
+        state = TradingState.REDUCING if reducing else TradingState.HALTED
+        record = self.store.set_trading_state(scope, state, cause=cause, reason=reason, actor=self._actor())
+        log.error("%s %s (%s): %s. Resume with `orderguard resume '%s' --reason ...`.", state.value, scope, cause.value, reason, scope)
+        if notify and self.alerts is not None:
+            self.alerts.notify(AlertKind.HALTED, scope, f"{state.value} {scope} ({cause.value}): {reason}")
+        return record
+
+    def resume(self, scope: str, *, reason: str) -> None:
+        """Set a trading scope back to ACTIVE (recorded with who and why)."""
+        self.store.set_trading_state(
+            canonical_halt_scope(scope), TradingState.ACTIVE, cause=HaltCause.OPERATOR, reason=reason, actor=self._actor()
+        )
+
+    def halts(self) -> list[HaltRecord]:
+        """Trading scopes that are not ACTIVE."""
+        return self.store.halts()
+
+    def _actor(self) -> str:
+        return f"runner {self.runner} on {this_host()} pid {os.getpid()}"
 
     def claim(self, intent: OrderIntent, *, policy: PolicyArg | None = None) -> AbstractContextManager[Claim]:
         """Claim for existing order code::
@@ -222,6 +441,13 @@ class Guard:
         except OrderRejected as exc:
             return self._settle(claim, functools.partial(claim.rejected, str(exc)), Outcome.SENT, None)
         except DuplicateClientOrderId as exc:
+            # The guard never sends one client order id twice: the venue knowing it means another
+            # system (or a wiped ledger) shares the ids. Halt the strategy, then look the order up.
+            self._halt_later(
+                intent.strategy, HaltCause.DUPLICATE_CLIENT_ID,
+                f"{broker.name} already knows client order id {request.client_order_id} ({exc}); another "
+                "sender or a recreated ledger may be reusing ids",
+            )
             order = self._lookup_after_duplicate(broker, request.client_order_id)
             if order is None:
                 why = f"venue reports a duplicate id but lookup finds none: {exc}"
@@ -262,7 +488,7 @@ class Guard:
                 "order %s reached the send step but recording its outcome failed: %s. The ledger "
                 "still holds the scope; run `orderguard reconcile` once the store is back.",
                 claim.intent.client_order_id, exc,
-            )
+            )  # the claim's observer has queued a LEDGER_WRITE_FAILURE halt
         return self._result(claim, outcome, order)
 
     @staticmethod
@@ -362,7 +588,12 @@ class Guard:
         return reconcile(
             self.store, broker, grace=grace,
             stale_after=self.stale_after if stale_after is None else stale_after, wait=wait,
+            notifier=self.alerts, actor=self._actor(),
         )
+
+    def runners(self) -> list[RunnerRecord]:
+        """The runner registry (live runners and those stopped in the last hour)."""
+        return self.store.runners()
 
     def intent(self, ref: str) -> IntentRecord:
         """One intent by id or client order id."""
@@ -413,3 +644,69 @@ def _report_done(claim: Claim) -> None:
         return
     with contextlib.suppress(FencedOut):  # the reconciler or an operator settled it meanwhile
         claim.acked()
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+class _Heartbeat(threading.Thread):
+    """Keeps a guard's runner registered and its leader lease renewed; watches its peers."""
+
+    def __init__(self, guard: Guard, every: float) -> None:
+        super().__init__(name=f"orderguard-heartbeat-{guard.runner}", daemon=True)
+        self.guard = guard
+        self.every = every
+        self._halt_event = threading.Event()
+        self._leading: bool | None = None
+        self._flagged: set[tuple[str, str]] = set()
+
+    def stop(self) -> None:
+        self._halt_event.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout=max(5.0, 2 * self.every))
+
+    def run(self) -> None:
+        while not self._halt_event.wait(self.every):
+            try:
+                self.beat()
+            except Exception as exc:  # the store is down: claims fail closed meanwhile
+                log.warning("runner %s heartbeat failed: %s", self.guard.runner, exc)
+
+    def beat(self) -> None:
+        guard = self.guard
+        if guard._pending_halts:
+            guard._record_pending_halts()
+        known, lease = guard.store.heartbeat(guard.runner_id, guard._lease)
+        if not known and guard.registration is not None:  # stopped or removed by someone: register again
+            guard.registration = guard.store.register_runner(guard.registration)
+        if guard._lease is not None:
+            leading = lease is not None and lease.holder == guard.runner_id
+            if leading != self._leading:
+                what = "now leads" if leading else "is a standby for"
+                log.warning("runner %s %s exclusive %r", guard.runner, what, guard.exclusive)
+                if guard.alerts is not None and self._leading is not None:
+                    guard.alerts.notify(
+                        AlertKind.LEADER, f"exclusive={guard.exclusive}",
+                        f"runner {guard.runner} on {this_host()} pid {os.getpid()} {what} exclusive {guard.exclusive!r}",
+                    )
+                self._leading = leading
+        self.check_peers()
+
+    def check_peers(self) -> None:
+        """Log and alert stale runners and mixed code versions of this guard's strategy, once each."""
+        guard = self.guard
+        now = guard.store.now()
+        for flag in runner_flags(guard.store.runners(stopped_within=0), now):
+            if flag.runner.strategy != guard.strategy:
+                continue
+            key = (flag.kind, flag.runner.id)
+            if key in self._flagged:
+                continue
+            self._flagged.add(key)
+            log.error("%s: %s", flag.kind, flag.message)
+            if guard.alerts is not None:
+                kind = AlertKind.STALE_RUNNER if flag.kind == "STALE" else AlertKind.MIXED_VERSIONS
+                guard.alerts.notify(kind, f"strategy={guard.strategy}", flag.message, runner=flag.runner.id)

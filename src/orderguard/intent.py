@@ -112,6 +112,8 @@ class OrderIntent(BaseModel):
     order_type: OrderType = OrderType.MARKET
     limit_price: Decimal | None = None
     stop_price: Decimal | None = None
+    # Not sent: the price a market order is expected to trade near, for NotionalLimit.
+    reference_price: Decimal | None = None
     time_in_force: TimeInForce = TimeInForce.DAY
     source: str = "bot"
     tags: dict[str, str] = Field(default_factory=dict)
@@ -150,7 +152,7 @@ class OrderIntent(BaseModel):
     def _enums(cls, value: Any) -> Any:
         return _enum_upper(value)
 
-    @field_validator("quantity", "limit_price", "stop_price", mode="before")
+    @field_validator("quantity", "limit_price", "stop_price", "reference_price", mode="before")
     @classmethod
     def _decimals_in(cls, value: Any, info: Any) -> Any:
         return _strict_decimal(value, info.field_name)
@@ -162,7 +164,7 @@ class OrderIntent(BaseModel):
         assert checked is not None
         return checked
 
-    @field_validator("limit_price", "stop_price", mode="after")
+    @field_validator("limit_price", "stop_price", "reference_price", mode="after")
     @classmethod
     def _prices(cls, value: Decimal | None, info: Any) -> Decimal | None:
         return _check_amount(value, info.field_name, MAX_PRICE)
@@ -214,6 +216,13 @@ class OrderIntent(BaseModel):
         )
         return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:24]
 
+    def price_for_notional(self) -> Decimal | None:
+        """The price a notional limit counts: the limit price, else the stop, else ``reference_price``."""
+        for price in (self.limit_price, self.stop_price, self.reference_price):
+            if price is not None:
+                return price
+        return None
+
     def describe(self) -> str:
         """Short human form: ``spx-calendar SPX BUY 4 MARKET (account main)``."""
         price = ""
@@ -227,4 +236,4 @@ class OrderIntent(BaseModel):
         )
 
 
-INTENT_FIELDS = frozenset(OrderIntent.model_fields) - {"tags"}
+INTENT_FIELDS = frozenset(OrderIntent.model_fields) - {"tags", "reference_price"}

@@ -15,12 +15,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from .errors import ClockError, InvalidPolicy
+from .errors import ClockError, InvalidIntent, InvalidPolicy
 from .intent import INTENT_FIELDS, OrderIntent
 
 DEFAULT_BY: tuple[str, ...] = ("account", "strategy", "symbol", "side")
@@ -32,6 +33,8 @@ class ScopeKind(StrEnum):
     ONCE = "once"  # one executed intent per key (the key carries the window)
     COOLDOWN = "cooldown"  # one intent per key per N seconds
     OPEN = "open"  # at most N open intents per key
+    RATE = "rate"  # at most N intents per key per rolling period (a circuit breaker)
+    NOTIONAL = "notional"  # at most this much notional per key per rolling period
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,14 @@ class ScopeRule:
     limit: int = 1  # OPEN: how many may be open at once
     seconds: float = 0.0  # COOLDOWN: the quiet period
     base: str = ""  # ONCE with a rolling window: the key up to its window ("once|...|@")
+    amount: Decimal | None = None  # NOTIONAL: the most notional per period
+    notional: Decimal | None = None  # NOTIONAL: this intent's notional
+    trip: bool = False  # RATE/NOTIONAL: a refusal halts ``halt_scope`` until an operator resumes it
+    halt_scope: str = ""  # RATE/NOTIONAL: the trading scope a trip halts ("strategy=x")
+
+    @property
+    def is_limit(self) -> bool:
+        return self.kind in (ScopeKind.RATE, ScopeKind.NOTIONAL)
 
 
 # ---------------------------------------------------------------------------------- windows
@@ -279,6 +290,133 @@ class OneOpen(MaxOpen):
         return f"OneOpen(by={self.by})"
 
 
+class RateLimit(Policy):
+    """Circuit breaker: at most ``n`` intents per scope in any ``per_seconds``.
+
+    Counted atomically with the claim; every claimed intent counts (in flight and UNKNOWN too)
+    unless it was released without executing (rejected, abandoned, not found). With
+    ``trip=True`` the first refusal also halts the scope (``HALTED``) until an operator runs
+    ``orderguard resume``.
+    """
+
+    def __init__(self, n: int, per_seconds: float, *, by: Sequence[str] = ("strategy",), trip: bool = False) -> None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InvalidPolicy("RateLimit n must be a positive integer")
+        self.n = n
+        self.per_seconds = _period(per_seconds, "RateLimit")
+        self.by = _check_by(by)
+        self.trip = bool(trip)
+
+    def rule(self, intent: OrderIntent, now: datetime) -> ScopeRule:
+        key = scope_key(ScopeKind.RATE, self.by, intent, f"{self.per_seconds:g}s")
+        return ScopeRule(
+            ScopeKind.RATE, key, repr(self), limit=self.n, seconds=self.per_seconds,
+            trip=self.trip, halt_scope=halt_scope_of(self.by, intent),
+        )
+
+    def __repr__(self) -> str:
+        return f"RateLimit({self.n}, per_seconds={self.per_seconds:g}, by={self.by}{', trip=True' if self.trip else ''})"
+
+
+class NotionalLimit(Policy):
+    """Circuit breaker: at most ``amount`` of notional (quantity × price) per scope in any
+    ``per_seconds``, counted like :class:`RateLimit`.
+
+    The price is the limit price, else the stop price, else the intent's ``reference_price``;
+    a market order without a reference price is refused (InvalidIntent), never guessed.
+    """
+
+    def __init__(
+        self, amount: Decimal | int | str, per_seconds: float, *, by: Sequence[str] = ("strategy",), trip: bool = False
+    ) -> None:
+        if isinstance(amount, (bool, float)):
+            raise InvalidPolicy("NotionalLimit amount must be a Decimal, int or str (floats are inexact)")
+        try:
+            value = Decimal(amount)
+        except (InvalidOperation, TypeError, ValueError):
+            raise InvalidPolicy(f"NotionalLimit amount {amount!r} is not a number") from None
+        if not value.is_finite() or value <= 0:
+            raise InvalidPolicy("NotionalLimit amount must be a positive, finite number")
+        self.amount = value
+        self.per_seconds = _period(per_seconds, "NotionalLimit")
+        self.by = _check_by(by)
+        self.trip = bool(trip)
+
+    def rule(self, intent: OrderIntent, now: datetime) -> ScopeRule:
+        price = intent.price_for_notional()
+        if price is None:
+            raise InvalidIntent(
+                "reference_price",
+                f"{self!r} needs a price for a {intent.order_type.value} order: set reference_price "
+                "(the last price seen); nothing was sent",
+            )
+        key = scope_key(ScopeKind.NOTIONAL, self.by, intent, f"{self.per_seconds:g}s")
+        return ScopeRule(
+            ScopeKind.NOTIONAL, key, repr(self), seconds=self.per_seconds, amount=self.amount,
+            notional=intent.quantity * price, trip=self.trip, halt_scope=halt_scope_of(self.by, intent),
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"NotionalLimit({format(self.amount, 'f')}, per_seconds={self.per_seconds:g}, by={self.by}"
+            f"{', trip=True' if self.trip else ''})"
+        )
+
+
+def _period(seconds: float, what: str) -> float:
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds <= 366 * 86400:
+        raise InvalidPolicy(f"{what} per_seconds must be a positive number of seconds (at most a year)")
+    return float(seconds)
+
+
+# ---------------------------------------------------------------------------- halt scopes
+
+GLOBAL_SCOPE = "global"
+
+
+def halt_scope_of(by: Sequence[str], intent: OrderIntent) -> str:
+    """The trading scope of ``intent`` over the fields ``by``: ``strategy=x,symbol=SPX``."""
+    return ",".join(f"{name}={_escape(intent.field_value(name))}" for name in sorted(by))
+
+
+def scope_text(**fields: str) -> str:
+    """A trading scope from field values: ``scope_text(account="main", symbol="SPX")``."""
+    return ",".join(f"{name}={_escape(value)}" for name, value in sorted(fields.items())) or GLOBAL_SCOPE
+
+
+def parse_halt_scope(text: str) -> tuple[tuple[str, str], ...]:
+    """``global`` -> (); ``strategy=x,symbol=SPX`` -> (("strategy", "x"), ("symbol", "SPX")).
+
+    Raises InvalidPolicy for anything else (unknown fields, empty values, a field twice).
+    """
+    text = text.strip()
+    if text.lower() in (GLOBAL_SCOPE, "*"):
+        return ()
+    if not text or len(text) > 512:
+        raise InvalidPolicy("a trading scope is 'global' or field=value pairs joined by ',' (e.g. strategy=spx,symbol=SPX)")
+    pairs: dict[str, str] = {}
+    for part in text.split(","):
+        name, sep, value = part.strip().partition("=")
+        if not sep or not value:
+            raise InvalidPolicy(f"{part.strip()!r} in trading scope {text!r} is not field=value")
+        _check_by((name,))
+        if name in pairs:
+            raise InvalidPolicy(f"trading scope {text!r} names {name!r} twice")
+        pairs[name] = unquote(value)
+    return tuple(sorted(pairs.items()))
+
+
+def canonical_halt_scope(text: str) -> str:
+    """One spelling per trading scope (fields sorted, values escaped as in scope keys)."""
+    pairs = parse_halt_scope(text)
+    return ",".join(f"{k}={_escape(v)}" for k, v in pairs) if pairs else GLOBAL_SCOPE
+
+
+def halt_scope_matches(scope: str, intent: OrderIntent) -> bool:
+    """Whether a halt of trading scope ``scope`` covers ``intent``."""
+    return all(intent.field_value(name) == value for name, value in parse_halt_scope(scope))
+
+
 PolicyArg = Policy | Sequence[Policy]
 
 
@@ -296,12 +434,19 @@ def as_policies(policy: PolicyArg | None) -> tuple[Policy, ...]:
     for p in policies if len(policies) > 1 else ():
         # Two policies that map every intent to the same scope would fight over one row.
         window = repr(p.window) if isinstance(p, OncePer) else ""
-        kind = ScopeKind.ONCE if isinstance(p, OncePer) else ScopeKind.COOLDOWN if isinstance(p, Cooldown) else ScopeKind.OPEN
+        if isinstance(p, (RateLimit, NotionalLimit)):
+            window = f"{p.per_seconds:g}s"
+        kind = _KINDS.get(type(p), ScopeKind.OPEN)
         shape = (kind.value, p.by, window)
         if shape in seen:
             raise InvalidPolicy(f"{seen[shape]!r} and {p!r} guard the same scope; keep one of them")
         seen[shape] = p
     return policies
+
+
+_KINDS: dict[type, ScopeKind] = {
+    OncePer: ScopeKind.ONCE, Cooldown: ScopeKind.COOLDOWN, RateLimit: ScopeKind.RATE, NotionalLimit: ScopeKind.NOTIONAL,
+}
 
 
 def utc_from_epoch(seconds: float) -> datetime:

@@ -25,12 +25,15 @@ from typing import TYPE_CHECKING
 
 from . import _crash
 from .errors import FencedOut, InvalidTransition, OrderGuardError
+from .halts import HaltCause, HaltRecord, TradingState
 from .intent import canonical_decimal
 from .states import PENDING, State, can_transition
 from .store.base import TransitionFields, owner_alive
 
 if TYPE_CHECKING:
+    from .alerts import Notifier
     from .brokers.base import Broker, BrokerOrder
+    from .runners import RunnerRecord
     from .store.base import IntentRecord, Store
 
 log = logging.getLogger("orderguard.reconcile")
@@ -70,6 +73,7 @@ class ReconcileReport:
     unresolved: list[Decision] = field(default_factory=list)  # still open, with the reason
     drift: list[Drift] = field(default_factory=list)
     drift_error: str | None = None  # the position check itself failed
+    halts: list[HaltRecord] = field(default_factory=list)  # scopes halted because of drift
 
     @property
     def clean(self) -> bool:
@@ -82,6 +86,7 @@ class ReconcileReport:
         out += [f"DRIFT {x.account} {x.symbol}: ledger {x.ledger}, venue {x.broker} (difference {x.difference})" for x in self.drift]
         if self.drift_error:
             out.append(f"DRIFT CHECK FAILED: {self.drift_error}")
+        out += [f"HALTED {h.scope}: {h.reason}" for h in self.halts]
         return out
 
 
@@ -93,6 +98,7 @@ class _Reconciler:
     def __init__(self, store: Store, broker: Broker, grace: float, stale_after: float) -> None:
         self.store, self.broker, self.grace, self.stale_after = store, broker, grace, stale_after
         self.report = ReconcileReport()
+        self._runners: list[RunnerRecord] | None = None
 
     def lookup(self, rec: IntentRecord) -> tuple[bool, BrokerOrder | None]:
         try:
@@ -134,12 +140,30 @@ class _Reconciler:
         if alive is False:
             return True, f"its owner (pid {rec.pid} on {rec.host}) is gone"
         owner = f"pid {rec.pid} on {rec.host}" + (" is alive" if alive else "")
+        if alive is None:  # another host: the runner registry may know
+            runner = self.runner_of(rec)
+            if runner is not None and runner.stopped_at is not None and runner.stopped_at >= rec.created_at:
+                return True, f"its owner ({runner.who()}) stopped its guard after claiming it"
+            if runner is not None and runner.stale(now):
+                owner += f", whose heartbeat stopped {now - runner.heartbeat_at:.0f}s ago (if that host is down, resolve by hand)"
         if rec.state is State.CLAIMED or rec.send_by_at is None:
             # A claim() body or decorated function sends when it likes: only its death frees it.
             return False, f"its owner ({owner}) controls the send; resolve it by hand if that owner hung"
         if now >= rec.send_by_at + self.stale_after:
             return True, f"its owner ({owner}) let its send deadline pass {now - rec.send_by_at:.1f}s ago"
         return False, f"its owner ({owner}) may still send until {self.stale_after:g}s after its deadline"
+
+    def runner_of(self, rec: IntentRecord) -> RunnerRecord | None:
+        if self._runners is None:
+            try:
+                self._runners = self.store.runners(stopped_within=30 * 86400)
+            except OrderGuardError as exc:
+                log.warning("runner registry unavailable for owner liveness: %s", exc)
+                self._runners = []
+        for runner in self._runners:
+            if (runner.host, runner.pid, runner.started) == (rec.host, rec.pid, rec.owner_started):
+                return runner
+        return None
 
     def first_pass(self, rec: IntentRecord, now: float) -> IntentRecord | None:
         """Look one intent up; returns it when the venue did not show it (needs a second look)."""
@@ -193,12 +217,17 @@ class _Reconciler:
                 self.report.drift.append(Drift(key[0], key[1], have, want))
 
 
-def reconcile(store: Store, broker: Broker, *, grace: float, stale_after: float, wait: bool = True) -> ReconcileReport:
+def reconcile(
+    store: Store, broker: Broker, *, grace: float, stale_after: float, wait: bool = True,
+    halt_on_drift: bool = True, notifier: Notifier | None = None, actor: str = "reconciler",
+) -> ReconcileReport:
     """Resolve what the ledger does not know by asking the venue. Safe to run at any time,
     from any process, concurrently with live guards (every write is fenced).
 
     ``wait=True`` sleeps out the lookup grace within this call so a lost order is resolved in
     one run; ``wait=False`` records the first miss and leaves the rest to a later run.
+    ``halt_on_drift``: a position that differs from the venue's halts its account and symbol
+    (cause DRIFT) until an operator resumes it; ``notifier`` gets DRIFT and HALTED alerts.
     """
     rec_ = _Reconciler(store, broker, grace, stale_after)
     now = store.now()
@@ -228,4 +257,35 @@ def reconcile(store: Store, broker: Broker, *, grace: float, stale_after: float,
     except Exception as exc:
         rec_.report.drift_error = f"position check against {broker.name} failed: {exc}"
         log.warning("%s", rec_.report.drift_error)
+    if rec_.report.drift:
+        # A drift in a symbol whose order outcome is still open is explained by it: reported, not halted.
+        pending = {(r.account, r.symbol) for r in store.intents(states=(*PENDING, State.UNKNOWN), limit=1_000_000)}
+        for drift in rec_.report.drift:
+            halt = halt_on_drift and (drift.account, drift.symbol) not in pending
+            _drift_found(store, drift, broker.name, rec_.report, halt, notifier, actor)
     return rec_.report
+
+
+def _drift_found(
+    store: Store, drift: Drift, venue: str, report: ReconcileReport, halt: bool, notifier: Notifier | None, actor: str,
+) -> None:
+    from .alerts import AlertKind
+    from .policies import scope_text
+
+    scope = scope_text(account=drift.account, symbol=drift.symbol)
+    text = (
+        f"position drift in {drift.symbol} for account {drift.account}: the ledger's filled orders net "
+        f"{canonical_decimal(drift.ledger)}, {venue} shows {canonical_decimal(drift.broker)} (difference "
+        f"{canonical_decimal(drift.difference)})"
+    )
+    log.error("DRIFT: %s. Orders placed outside orderguard, or a fill it never saw.", text)
+    if notifier is not None:
+        notifier.notify(AlertKind.DRIFT, scope, text)
+    if not halt or any(h.scope == scope for h in store.halts()):
+        return
+    record = store.set_trading_state(scope, TradingState.HALTED, cause=HaltCause.DRIFT, reason=text, actor=actor)
+    if record is not None:
+        report.halts.append(record)
+        log.error("HALTED %s: %s. Check the venue, then `orderguard resume '%s' --reason ...`.", scope, text, scope)
+        if notifier is not None:
+            notifier.notify(AlertKind.HALTED, scope, f"HALTED {scope} (DRIFT): {text}")

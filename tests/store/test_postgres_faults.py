@@ -83,7 +83,9 @@ class Ledger:
         return store
 
     def guard(self, runner: str = "test", **options: Any) -> Guard:
-        return Guard(self.store(**options), runner=runner)
+        guard = Guard(self.store(**options), runner=runner)
+        self.opened.append(guard)  # closed (reversed order) before its store and the schema
+        return guard
 
     def broker(self, **options: Any) -> PaperBroker:
         broker = PaperBroker(self.paper, **options)
@@ -528,6 +530,13 @@ def test_terminated_backend_mid_transition_keeps_the_claim_and_reconcile_settles
     assert settled.state is State.FILLED
     assert settled.fence > rec.fence
 
+    # The failed write halted the strategy (cause recorded) until an operator resumes it.
+    (halt,) = guard.halts()
+    assert (halt.scope, halt.cause.value) == ("strategy=spx-calendar", "LEDGER_WRITE_FAILURE")
+    assert rec.client_order_id in halt.reason
+    halted = guard.submit(make_intent(symbol="XSTEP"), broker, policy=once_ever())
+    assert halted.reason is BlockReason.HALTED
+    guard.resume(halt.scope, reason="reconciled: FILLED")
     retry = guard.submit(make_intent(symbol="XSTEP"), broker, policy=once_ever())
     assert retry.outcome is Outcome.BLOCKED and retry.reason is BlockReason.DUPLICATE
     assert len(broker.orders()) == 1
@@ -544,7 +553,7 @@ def _storm_loop(url: str, schema: str, paper: str, index: int, barrier: Any, sto
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)  # reconnect noise during the outage
     guard = Guard(
         PostgresStore(url, schema=schema, max_size=2, connect_timeout=1, statement_timeout=3, lock_timeout=3),
-        runner=f"host-{index}",
+        runner=f"host-{index}", halt_on_ledger_failure=False,  # this test is about riding out the restart
     )
     broker = PaperBroker(paper)
     rng = random.Random(index)

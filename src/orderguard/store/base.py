@@ -24,12 +24,16 @@ from ..policies import ScopeKind, ScopeRule
 from ..states import PENDING, TERMINAL, WORKING, State, can_transition
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
+    from ..halts import HaltCause, HaltEvent, HaltRecord, TradingState
     from ..intent import OrderIntent
     from ..policies import Policy
+    from ..runners import Lease, LeaseRequest, RunnerRecord
 
-SCHEMA_VERSION = 1
+    Exec = Callable[[str, Sequence[Any]], list[Any]]
+
+SCHEMA_VERSION = 2  # 2: halts, risk-limit events, runners and leader leases
 
 
 class BlockReason(StrEnum):
@@ -45,6 +49,7 @@ class BlockReason(StrEnum):
     NOTIONAL_LIMIT = "NOTIONAL_LIMIT"
     HALTED = "HALTED"
     CONFLICT = "CONFLICT"
+    NOT_LEADER = "NOT_LEADER"  # an ``exclusive=`` guard that does not hold its strategy's lease
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,9 @@ class Caller:
     thread: str
     task: str | None = None
     started: str = ""
+
+    def who(self) -> str:
+        return f"runner {self.runner} on {self.host} pid {self.pid}"
 
     @classmethod
     def current(cls, runner: str, task: str | None = None) -> Caller:
@@ -220,6 +228,9 @@ class ClaimDecision:
     rule: ScopeRule | None = None  # the rule that blocked
     message: str = ""
     rules: tuple[ScopeRule, ...] = field(default_factory=tuple)
+    halt: HaltRecord | None = None  # the halt that blocked it, or the one its refusal tripped
+    tripped: bool = False  # a risk limit with trip=True refused it and halted its scope
+    lease: Lease | None = None  # the leader lease the claim was made under (exclusive guards)
 
 
 @dataclass(frozen=True)
@@ -367,11 +378,15 @@ class Store(ABC):
         *,
         state: State = State.SENDING,
         send_deadline: float | None = DEFAULT_SEND_DEADLINE,
+        exclusive: LeaseRequest | None = None,
     ) -> ClaimDecision:
         """Arbitrate and record one attempt atomically.
 
         ``send_deadline``: seconds (store clock) within which the owner sends or gives up,
         recorded as ``send_by_at``; None for an owner that may send at any time.
+        Halts are checked first (HALTED, REDUCING), then the leader lease when ``exclusive``
+        is given (taken or renewed in the same transaction; the send deadline is cut to the
+        lease's expiry), then the policies, risk limits included.
 
         Claimed: the intent (in ``state``), its scope holds and the attempt are committed
         together. Blocked: only the attempt is committed, with the reason and the holder.
@@ -438,3 +453,74 @@ class Store(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release connections. The ledger stays on disk."""
+
+    # ------------------------------------------------------------------ control plane
+    # Halts, runners and leases: implemented once (store/control.py) over these two hooks.
+
+    @abstractmethod
+    def _control(self, what: str, work: Callable[[Exec, float], Any], *, write: bool) -> Any:
+        """Run ``work(exec, store_now)`` in one transaction (``write``: a write transaction)."""
+
+    def set_trading_state(
+        self, scope: str, state: TradingState, *, cause: HaltCause, reason: str, actor: str
+    ) -> HaltRecord | None:
+        """HALT, REDUCE or resume (ACTIVE) a trading scope; recorded with who and why.
+        Returns the scope's halt afterwards (None once ACTIVE)."""
+        from . import control
+
+        if not reason.strip():
+            raise ValueError("a halt or resume needs a reason (it is what the next operator reads)")
+        return self._control(  # type: ignore[no-any-return]
+            "halt", lambda x, now: control.set_state(x, scope, state, cause, reason.strip(), actor, now), write=True
+        )
+
+    def halts(self) -> list[HaltRecord]:
+        """Every trading scope that is not ACTIVE, newest first."""
+        from . import control
+
+        return self._control("read", lambda x, now: control.list_halts(x), write=False)  # type: ignore[no-any-return]
+
+    def halt_history(self, limit: int = 100) -> list[HaltEvent]:
+        """Changes of trading state (halts, reducing, resumes), newest first."""
+        from . import control
+
+        return self._control("read", lambda x, now: control.halt_history(x, limit), write=False)  # type: ignore[no-any-return]
+
+    def register_runner(self, record: RunnerRecord) -> RunnerRecord:
+        """Add a runner to the registry, stamped with the store's clock."""
+        from ..runners import with_times
+        from . import control
+
+        def work(x: Exec, now: float) -> RunnerRecord:
+            stamped = with_times(record, now)
+            control.register_runner(x, stamped)
+            return stamped
+
+        return self._control("runner registration", work, write=True)  # type: ignore[no-any-return]
+
+    def heartbeat(self, runner_id: str, lease: LeaseRequest | None = None) -> tuple[bool, Lease | None]:
+        """Record a runner's heartbeat and renew (or take, when free) its leader lease.
+        Returns (still registered, the lease it holds now)."""
+        from . import control
+
+        return self._control("heartbeat", lambda x, now: control.heartbeat(x, runner_id, lease, now), write=True)  # type: ignore[no-any-return]
+
+    def stop_runner(self, runner_id: str) -> None:
+        """A clean stop: the runner is no longer expected to heartbeat; its lease is given up."""
+        from . import control
+
+        self._control("runner stop", lambda x, now: control.stop_runner(x, runner_id, now), write=True)
+
+    def runners(self, *, stopped_within: float = 3600.0) -> list[RunnerRecord]:
+        """Registered runners: every one not stopped, and those stopped in the last ``stopped_within`` s."""
+        from . import control
+
+        return self._control(  # type: ignore[no-any-return]
+            "read", lambda x, now: control.list_runners(x, now - stopped_within), write=False
+        )
+
+    def leases(self) -> list[Lease]:
+        """Leader leases of ``exclusive=`` guards."""
+        from . import control
+
+        return self._control("read", lambda x, now: control.list_leases(x), write=False)  # type: ignore[no-any-return]

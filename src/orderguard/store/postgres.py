@@ -30,9 +30,9 @@ from ..errors import (
     StoreUnavailable,
 )
 from ..intent import canonical_decimal
-from ..messages import block_message
 from ..policies import ScopeKind, ScopeRule
 from ..states import PENDING, State, releases
+from . import control
 from .base import (
     DEFAULT_SEND_DEADLINE,
     SCHEMA_VERSION,
@@ -47,14 +47,13 @@ from .base import (
     check_transition,
     checked_clock,
     client_order_id_head,
-    explain_block,
     fence_text,
     net_positions,
     new_intent_id,
-    unknown_from_earlier_window,
 )
 from .rows import (
     ATTEMPT_SLOT,
+    SEND_BY_SLOT,
     attempt_from_row,
     attempt_row,
     intent_from_row,
@@ -73,8 +72,11 @@ if TYPE_CHECKING:
 
     from ..intent import OrderIntent
     from ..policies import Policy
+    from ..runners import LeaseRequest
+    from .control import Exec
 
 log = logging.getLogger("orderguard")
+SCHEMA_V2 = control.SCHEMA_V2.format(real="DOUBLE PRECISION", serial="BIGSERIAL")
 CHANNEL = "orderguard"
 _PENDING_SQL = ", ".join(f"'{s.value}'" for s in (*PENDING, State.UNKNOWN))
 _LIVE = "state IN ('UNKNOWN', 'ACKED', 'PARTIALLY_FILLED')"
@@ -139,7 +141,12 @@ def _one_statement_claim(kind: ScopeKind) -> str:
     attempt_values[0] = "s.held_at"
     return f"""
 WITH clk AS (SELECT coalesce(%(fixed_now)s::float8, extract(epoch FROM now())) AS now),
-ok AS (SELECT now FROM clk WHERE %(estimate)s::float8 IS NULL OR abs(now - %(estimate)s::float8) < %(tolerance)s),
+halted AS (SELECT count(*) AS n FROM halts),
+ok AS (
+    SELECT now FROM clk
+    WHERE (%(estimate)s::float8 IS NULL OR abs(now - %(estimate)s::float8) < %(tolerance)s)
+      AND (SELECT n FROM halted) = 0
+),
 carry AS (
     SELECT id FROM intents
     WHERE %(base)s <> '' AND state = 'UNKNOWN' AND {_LIVE}
@@ -157,7 +164,7 @@ a AS (INSERT INTO attempts({_ATTEMPT_COLS}) SELECT {", ".join(attempt_values)} F
 i AS (INSERT INTO intents({INTENT_COLUMNS}) SELECT {", ".join(intent_values)} FROM s, a RETURNING id, state),
 n AS (SELECT pg_notify(%(channel)s, json_build_object('intent', i.id, 'state', i.state)::text) FROM i)
 SELECT (SELECT now FROM clk), (SELECT count(*) FROM ok), (SELECT fence FROM s), (SELECT id FROM a),
-       (SELECT count(*) FROM n), (SELECT count(*) FROM carry)
+       (SELECT count(*) FROM n), (SELECT count(*) FROM carry), (SELECT n FROM halted)
 """
 
 
@@ -200,6 +207,7 @@ class PostgresStore(Store):
         *,
         schema: str | None = None,
         create: bool = True,
+        upgrade: bool = False,
         min_size: int = 1,
         max_size: int = 8,
         statement_timeout: float = 5.0,
@@ -236,7 +244,8 @@ class PostgresStore(Store):
         self._offset: float | None = None  # server clock minus this host's clock
         self._last_used: dict[int, float] = {}  # id(connection) -> when it was last returned
         self.created = False  # whether opening it created the schema
-        self.namespace = self._open_schema(create)
+        self.upgraded_from: int | None = None  # the schema version an upgrade on opening started from
+        self.namespace = self._open_schema(create, upgrade or create)
 
     # ------------------------------------------------------------------------ connections
 
@@ -294,7 +303,7 @@ class PostgresStore(Store):
             )
         return StoreError(f"PostgreSQL ledger failed during {what}: {exc}; nothing was sent.")
 
-    def _open_schema(self, create: bool) -> str:
+    def _open_schema(self, create: bool, upgrade: bool) -> str:
         with self._tx("schema check") as conn:
             if self.schema and create:
                 conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
@@ -306,13 +315,23 @@ class PostgresStore(Store):
                 if not create:
                     raise StoreUnavailable(f"no orderguard ledger in {self._where()}; run `orderguard migrate`")
                 conn.execute(SCHEMA_V1)
+                conn.execute(SCHEMA_V2)
                 conn.execute(
                     "INSERT INTO meta(key, value) VALUES ('schema_version', %s), ('namespace', %s), ('created_at', %s) "
                     "ON CONFLICT (key) DO NOTHING",
                     (str(SCHEMA_VERSION), uuid.uuid4().hex, str(time.time())),
                 )
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+            if meta.get("schema_version") == "1" and upgrade:  # 1 -> 2 only adds tables
+                conn.execute(SCHEMA_V2)
+                conn.execute("UPDATE meta SET value = %s WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+                meta["schema_version"], self.upgraded_from = str(SCHEMA_VERSION), 1
         version = int(meta.get("schema_version", "0"))
+        if version == 1:
+            raise SchemaMismatch(
+                f"PostgreSQL ledger {self._where()} has schema version 1; this orderguard needs {SCHEMA_VERSION} "
+                "(halts, runners, leases). Run `orderguard migrate` to upgrade it in place (it only adds tables)."
+            )
         if version != SCHEMA_VERSION:
             raise SchemaMismatch(
                 f"PostgreSQL ledger {self._where()} has schema version {version}; this orderguard understands "
@@ -359,40 +378,62 @@ class PostgresStore(Store):
         *,
         state: State = State.SENDING,
         send_deadline: float | None = DEFAULT_SEND_DEADLINE,
+        exclusive: LeaseRequest | None = None,
     ) -> ClaimDecision:
         intent_id = new_intent_id()
-        if len(policies) == 1:
+        if len(policies) == 1 and exclusive is None:
             fast = self._claim_in_one_statement(intent, policies[0], caller, intent_id, state, send_deadline)
             if fast is not None:
                 return fast
+        lease = None
         with self._tx("claim") as conn:
+            x = _executor(conn)
             now = self._server_now(conn)  # the server's clock decides windows and cooldowns
             moment = datetime.fromtimestamp(now, tz=UTC)
             rules = tuple(p.rule(intent, moment) for p in policies)
             keys = tuple(rule.key for rule in rules)
             send_by_at = None if send_deadline is None else now + send_deadline
             params = intent_row(intent, intent_id, keys, state, caller, now, send_by_at)
-            refusal = self._unknown_carried_over(conn, rules)
+            refusal, lease = control.gate(x, intent, exclusive, now)
+            if lease is not None and send_by_at is not None:
+                send_by_at = min(send_by_at, lease.expires_at)  # never sent after the lease lapses
+                params[SEND_BY_SLOT] = send_by_at
+            if refusal is None:
+                refusal = self._unknown_carried_over(conn, rules, intent)
             fence = 0
             if refusal is None:
+                def take_all() -> tuple[int, control.Refusal | None, int]:
+                    return control.take_rules(
+                        x, rules, intent, intent_id, now,
+                        lambda rule: self._take(conn, rule, intent_id, now),
+                        lambda rule: self._holders(conn, rule),
+                    )
+
                 if len(rules) == 1:
-                    fence, refusal = self._take_all(conn, rules, intent, intent_id, now)
+                    fence, refusal, _ = take_all()
                 else:  # a later rule's refusal must undo the earlier rules' writes: a savepoint
                     try:
                         with conn.transaction():
-                            fence, refusal = self._take_all(conn, rules, intent, intent_id, now)
+                            fence, refusal, _ = take_all()
                             if refusal is not None:
                                 raise _Undo
                     except _Undo:
                         pass
             if refusal is not None:
-                rule, reason, holder = refusal
-                message = block_message(reason, intent, rule, holder)
-                row = attempt_row(now, "BLOCKED", reason, None, holder.id if holder else None, rule.key, caller, intent, message)
+                if refusal.tripped and refusal.rule is not None:
+                    refusal = control.trip(x, refusal, refusal.rule, caller.who(), now)
+                holder = refusal.holder
+                row = attempt_row(
+                    now, "BLOCKED", refusal.reason, None, holder.id if holder else None, refusal.scope_key,
+                    caller, intent, refusal.message,
+                )
                 attempt_id = int(_scalar(conn, _INSERT_ATTEMPT, row))
+                if refusal.tripped:
+                    conn.execute("SELECT pg_notify(%s, %s)", (self.channel, json.dumps({"halt": refusal.halt.scope if refusal.halt else None})))
                 return ClaimDecision(
-                    claimed=False, attempt_id=attempt_id, reason=reason, holder=holder,
-                    rule=rule, message=message, rules=rules,
+                    claimed=False, attempt_id=attempt_id, reason=refusal.reason, holder=holder,
+                    rule=refusal.rule, message=refusal.message, rules=rules, halt=refusal.halt,
+                    tripped=refusal.tripped,
                 )
             coid = f"{client_order_id_head(self.namespace, keys[0])}-{fence_text(fence)}"
             row = attempt_row(now, "CLAIMED", None, intent_id, None, keys[0], caller, intent, "")
@@ -402,7 +443,9 @@ class PostgresStore(Store):
             self._notify(conn, intent_id, state, self.channel)
         record = new_intent_record(intent, intent_id, coid, fence, keys, state, caller, now, attempt_id, send_by_at)
         message = f"CLAIMED {intent.describe()} from {intent.source} as {coid} (fence {fence})"
-        return ClaimDecision(claimed=True, attempt_id=attempt_id, intent=record, message=message, rules=rules)
+        return ClaimDecision(
+            claimed=True, attempt_id=attempt_id, intent=record, message=message, rules=rules, lease=lease
+        )
 
     def _claim_in_one_statement(
         self, intent: OrderIntent, policy: Policy, caller: Caller, intent_id: str, state: State,
@@ -451,6 +494,8 @@ class PostgresStore(Store):
             raise self._translate(exc, "claim") from exc
         assert result is not None
         now, clock_ok, fence, attempt_id = result[0], result[1], result[2], result[3]
+        if result[6]:
+            return None  # a trading scope is halted somewhere: the full transaction checks which
         if not clock_ok:
             self._offset = None  # this host's clock moved: measure again, and take the long way
             return None
@@ -462,19 +507,6 @@ class PostgresStore(Store):
         record = new_intent_record(intent, intent_id, coid, int(fence), keys, state, caller, now, int(attempt_id), send_by_at)
         message = f"CLAIMED {intent.describe()} from {intent.source} as {coid} (fence {fence})"
         return ClaimDecision(claimed=True, attempt_id=int(attempt_id), intent=record, message=message, rules=(rule,))
-
-    def _take_all(
-        self, conn: psycopg.Connection[Any], rules: tuple[ScopeRule, ...], intent: OrderIntent, intent_id: str, now: float
-    ) -> tuple[int, tuple[ScopeRule, BlockReason, IntentRecord | None] | None]:
-        fence = 0
-        for index, rule in enumerate(rules):
-            token = self._take(conn, rule, intent_id, now)
-            if token is None:
-                reason, holder = explain_block(rule, intent, self._holders(conn, rule))
-                return fence, (rule, reason, holder)
-            if index == 0:
-                fence = token
-        return fence, None
 
     @staticmethod
     def _take(conn: psycopg.Connection[Any], rule: ScopeRule, intent_id: str, now: float) -> int | None:
@@ -497,13 +529,12 @@ class PostgresStore(Store):
 
     @staticmethod
     def _unknown_carried_over(
-        conn: psycopg.Connection[Any], rules: tuple[ScopeRule, ...]
-    ) -> tuple[ScopeRule, BlockReason, IntentRecord | None] | None:
+        conn: psycopg.Connection[Any], rules: tuple[ScopeRule, ...], intent: OrderIntent
+    ) -> control.Refusal | None:
         if not any(rule.base for rule in rules):
             return None
         rows = conn.execute(f"SELECT {INTENT_COLUMNS} FROM intents WHERE state = 'UNKNOWN' AND {_LIVE}").fetchall()
-        found = unknown_from_earlier_window(rules, [intent_from_row(r) for r in rows]) if rows else None
-        return None if found is None else (found[0], BlockReason.UNKNOWN_PENDING, found[1])
+        return control.carried_over(rules, intent, [intent_from_row(r) for r in rows]) if rows else None
 
     @staticmethod
     def _notify(conn: psycopg.Connection[Any], intent_id: str, state: State, channel: str) -> None:
@@ -642,11 +673,26 @@ class PostgresStore(Store):
         except psycopg.Error as exc:
             raise self._translate(exc, "listen") from exc
 
+    def _control(self, what: str, work: Callable[[Exec, float], Any], *, write: bool) -> Any:
+        with self._tx(what) as conn:
+            result = work(_executor(conn), self._server_now(conn))
+            if what == "halt":  # dashboards on every host hear halts and resumes
+                conn.execute("SELECT pg_notify(%s, %s)", (self.channel, json.dumps({"halt": "changed"})))
+            return result
+
     def close(self) -> None:
         with self._pool_lock:
             pool, self._pool = self._pool, None
         if pool is not None and self._pid == os.getpid():
             pool.close()
+
+
+def _executor(conn: psycopg.Connection[Any]) -> Exec:
+    def run(sql: str, params: Sequence[Any]) -> list[Any]:
+        cursor = conn.execute(sql.replace("?", "%s"), params)
+        return cursor.fetchall() if cursor.description else []
+
+    return run
 
 
 class _Undo(Exception):

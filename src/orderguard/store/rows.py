@@ -93,6 +93,7 @@ def intent_row(
 
 
 ATTEMPT_SLOT = -3  # where intent_row leaves the attempt id
+SEND_BY_SLOT = -2  # where intent_row puts send_by_at (a leader lease may cut it shorter)
 
 
 def attempt_row(

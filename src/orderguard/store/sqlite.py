@@ -14,7 +14,7 @@ import sqlite3
 import time
 import uuid
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from .._sqlite import SQLiteFile
@@ -27,9 +27,9 @@ from ..errors import (
     UnsupportedFilesystem,
 )
 from ..intent import canonical_decimal
-from ..messages import block_message
 from ..policies import ScopeKind, ScopeRule
 from ..states import PENDING, State, releases
+from . import control
 from .base import (
     DEFAULT_SEND_DEADLINE,
     SCHEMA_VERSION,
@@ -44,14 +44,13 @@ from .base import (
     check_transition,
     checked_clock,
     client_order_id_head,
-    explain_block,
     fence_text,
     net_positions,
     new_intent_id,
-    unknown_from_earlier_window,
 )
 from .rows import (
     ATTEMPT_SLOT,
+    SEND_BY_SLOT,
     attempt_from_row,
     attempt_row,
     intent_from_row,
@@ -61,12 +60,16 @@ from .rows import (
 )
 from .schema_sqlite import ATTEMPT_COLUMNS, INTENT_COLUMNS, SCHEMA_V1
 
+SCHEMA_V2 = control.SCHEMA_V2.format(real="REAL", serial="INTEGER")
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from decimal import Decimal
 
     from ..intent import OrderIntent
     from ..policies import Policy
+    from ..runners import LeaseRequest
+    from .control import Exec
 
 log = logging.getLogger("orderguard")
 
@@ -177,6 +180,7 @@ class SQLiteStore(Store):
         busy_timeout: float = 5.0,
         clock: Callable[[], float] = time.time,
         create: bool = True,
+        upgrade: bool = False,
     ) -> None:
         # Absolute, and said once: two runners that resolve a relative path from different
         # working directories (a deploy's old and new release) would guard with two ledgers.
@@ -198,7 +202,7 @@ class SQLiteStore(Store):
                 "nothing was changed. Point the store at a ledger, or at a new file to create one."
             )
         try:
-            self.namespace = self._open_schema(create)
+            self.namespace = self._open_schema(create, upgrade or create)
         except BaseException:
             self._db.close()
             raise
@@ -222,17 +226,30 @@ class SQLiteStore(Store):
             return "ledger"
         return "foreign" if names else "empty"
 
-    def _open_schema(self, create: bool) -> str:
+    def _open_schema(self, create: bool, upgrade: bool) -> str:
         rows = self._db.read("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'meta'")
+        self.upgraded_from: int | None = None
         if not rows:
             with self._db.write("schema creation") as conn:
-                self._db.run_script(conn, SCHEMA_V1)
+                self._db.run_script(conn, SCHEMA_V1 + SCHEMA_V2)
                 conn.execute(
                     "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?), ('namespace', ?), ('created_at', ?)",
                     (str(SCHEMA_VERSION), uuid.uuid4().hex, str(time.time())),
                 )
         meta = dict(self._db.read("SELECT key, value FROM meta"))
         version = int(meta.get("schema_version", "0"))
+        if version == 1 and upgrade:  # 1 -> 2 only adds tables
+            with self._db.write("schema upgrade") as conn:
+                if conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "1":
+                    self._db.run_script(conn, SCHEMA_V2)
+                    conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+                    self.upgraded_from = 1
+            version = SCHEMA_VERSION
+        if version == 1:
+            raise SchemaMismatch(
+                f"ledger {self.path!r} has schema version 1; this orderguard needs {SCHEMA_VERSION} (halts, "
+                "runners, leases). Run `orderguard migrate` to upgrade it in place (it only adds tables)."
+            )
         if version != SCHEMA_VERSION:
             newer = version > SCHEMA_VERSION
             raise SchemaMismatch(
@@ -257,6 +274,7 @@ class SQLiteStore(Store):
         *,
         state: State = State.SENDING,
         send_deadline: float | None = DEFAULT_SEND_DEADLINE,
+        exclusive: LeaseRequest | None = None,
     ) -> ClaimDecision:
         # Everything that does not need the lock is prepared first: the transaction holds the
         # file's write lock, so each microsecond in it is a microsecond every other writer waits.
@@ -271,27 +289,36 @@ class SQLiteStore(Store):
         send_by_at = None if send_deadline is None else now + send_deadline
         params = intent_row(intent, intent_id, keys, state, caller, now, send_by_at)
         with self._db.write("claim") as conn:
-            refusal = self._unknown_carried_over(conn, rules)
+            x = _executor(conn)
+            refusal, lease = control.gate(x, intent, exclusive, now)
+            if lease is not None and send_by_at is not None:
+                send_by_at = min(send_by_at, lease.expires_at)  # never sent after the lease lapses
+                params[SEND_BY_SLOT] = send_by_at
+            if refusal is None:
+                refusal = self._unknown_carried_over(conn, rules, intent)
             fence = 0
-            for index, rule in enumerate(() if refusal else rules):
-                token = self._take(conn, rule, intent_id, now)
-                if token is None:
-                    reason, holder = explain_block(rule, intent, self._holders(conn, rule))
-                    refusal = (rule, reason, holder)
-                    if index:  # an earlier rule already wrote: undo it, keep only the attempt
-                        conn.execute("ROLLBACK")
-                        conn.execute("BEGIN IMMEDIATE")
-                    break
-                if index == 0:
-                    fence = token
+            if refusal is None:
+                fence, refusal, index = control.take_rules(
+                    x, rules, intent, intent_id, now,
+                    lambda rule: self._take(conn, rule, intent_id, now),
+                    lambda rule: self._holders(conn, rule),
+                )
+                if refusal is not None and index > 0:  # an earlier rule already wrote: undo it
+                    conn.execute("ROLLBACK")
+                    conn.execute("BEGIN IMMEDIATE")
             if refusal is not None:
-                rule, reason, holder = refusal
-                message = block_message(reason, intent, rule, holder)
-                row = attempt_row(now, "BLOCKED", reason, None, holder.id if holder else None, rule.key, caller, intent, message)
+                if refusal.tripped and refusal.rule is not None:
+                    refusal = control.trip(x, refusal, refusal.rule, caller.who(), now)
+                holder = refusal.holder
+                row = attempt_row(
+                    now, "BLOCKED", refusal.reason, None, holder.id if holder else None, refusal.scope_key,
+                    caller, intent, refusal.message,
+                )
                 attempt_id = conn.execute(_INSERT_ATTEMPT, row).fetchone()[0]
                 return ClaimDecision(
-                    claimed=False, attempt_id=attempt_id, reason=reason, holder=holder,
-                    rule=rule, message=message, rules=rules,
+                    claimed=False, attempt_id=attempt_id, reason=refusal.reason, holder=holder,
+                    rule=refusal.rule, message=refusal.message, rules=rules, halt=refusal.halt,
+                    tripped=refusal.tripped,
                 )
             coid = f"{head}-{fence_text(fence)}"
             row = attempt_row(now, "CLAIMED", None, intent_id, None, keys[0], caller, intent, "")
@@ -300,17 +327,18 @@ class SQLiteStore(Store):
             conn.execute(_INSERT_INTENT, params)
         record = new_intent_record(intent, intent_id, coid, fence, keys, state, caller, now, attempt_id, send_by_at)
         message = f"CLAIMED {intent.describe()} from {intent.source} as {coid} (fence {fence})"
-        return ClaimDecision(claimed=True, attempt_id=attempt_id, intent=record, message=message, rules=rules)
+        return ClaimDecision(
+            claimed=True, attempt_id=attempt_id, intent=record, message=message, rules=rules, lease=lease
+        )
 
     @staticmethod
     def _unknown_carried_over(
-        conn: sqlite3.Connection, rules: tuple[ScopeRule, ...]
-    ) -> tuple[ScopeRule, BlockReason, IntentRecord | None] | None:
+        conn: sqlite3.Connection, rules: tuple[ScopeRule, ...], intent: OrderIntent
+    ) -> control.Refusal | None:
         if not any(rule.base for rule in rules):
             return None
         rows = conn.execute(f"SELECT {INTENT_COLUMNS} FROM intents WHERE state = 'UNKNOWN' AND {_LIVE}").fetchall()
-        found = unknown_from_earlier_window(rules, [intent_from_row(r) for r in rows]) if rows else None
-        return None if found is None else (found[0], BlockReason.UNKNOWN_PENDING, found[1])
+        return control.carried_over(rules, intent, [intent_from_row(r) for r in rows]) if rows else None
 
     @staticmethod
     def _take(conn: sqlite3.Connection, rule: ScopeRule, intent_id: str, now: float) -> int | None:
@@ -452,5 +480,15 @@ class SQLiteStore(Store):
         rows = self._db.read("SELECT account, symbol, side, filled_quantity FROM intents")
         return net_positions(rows)
 
+    def _control(self, what: str, work: Callable[[Exec, float], Any], *, write: bool) -> Any:
+        if write:
+            with self._db.write(what) as conn:
+                return work(_executor(conn), self.now())
+        return work(self._db.read, self.now())
+
     def close(self) -> None:
         self._db.close()
+
+
+def _executor(conn: sqlite3.Connection) -> Exec:
+    return lambda sql, params: conn.execute(sql, params).fetchall()
