@@ -34,10 +34,26 @@ from .errors import (
     StoreUnavailable,
     UnsupportedFilesystem,
 )
+from .alerts import Alert, AlertKind, AppriseSink, LogSink, Notifier, WebhookSink
 from .guard import Guard
+from .halts import HaltCause, HaltRecord, TradingState
 from .intent import OrderIntent, OrderType, Side, TimeInForce
-from .policies import Bucket, CalendarDay, Cooldown, Cycle, Ever, MaxOpen, OncePer, OneOpen, Policy, TradingDay
+from .policies import (
+    Bucket,
+    CalendarDay,
+    Cooldown,
+    Cycle,
+    Ever,
+    MaxOpen,
+    NotionalLimit,
+    OncePer,
+    OneOpen,
+    Policy,
+    RateLimit,
+    TradingDay,
+)
 from .reconcile import ReconcileReport
+from .runners import RunnerRecord
 from .states import State
 from .store.base import AttemptRecord, BlockReason, IntentRecord
 
@@ -47,12 +63,12 @@ __version__ = "0.1.0"
 logging.getLogger("orderguard").addHandler(logging.NullHandler())
 
 __all__ = [
-    "AmbiguousOutcome", "AttemptRecord", "BlockReason", "Bucket", "CalendarDay", "Claim",
+    "Alert", "AlertKind", "AmbiguousOutcome", "AppriseSink", "AttemptRecord", "BlockReason", "Bucket", "CalendarDay", "Claim",
     "ClockError", "ConfigurationError", "Cooldown", "Cycle", "DuplicateClientOrderId", "Ever",
-    "FencedOut", "Guard", "IntentNotFound", "IntentRecord", "InvalidIntent", "InvalidPolicy",
-    "InvalidTransition", "MaxOpen", "NotClaimed", "OncePer", "OneOpen", "OrderGuardError",
-    "OrderIntent", "OrderRejected", "OrderType", "Outcome", "Policy", "ReconcileReport",
+    "FencedOut", "Guard", "HaltCause", "HaltRecord", "IntentNotFound", "IntentRecord", "InvalidIntent", "InvalidPolicy",
+    "InvalidTransition", "LogSink", "MaxOpen", "NotClaimed", "Notifier", "NotionalLimit", "OncePer", "OneOpen", "OrderGuardError",
+    "OrderIntent", "OrderRejected", "OrderType", "Outcome", "Policy", "RateLimit", "ReconcileReport", "RunnerRecord",
     "SchemaMismatch", "SendDeadlineExceeded", "Side", "State", "StoreError", "StoreLocked",
-    "StoreUnavailable", "SubmitResult", "TimeInForce", "TradingDay", "UnsupportedFilesystem",
+    "StoreUnavailable", "SubmitResult", "TimeInForce", "TradingDay", "TradingState", "UnsupportedFilesystem", "WebhookSink",
     "current_claim",
 ]
