@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 
+from .alerts import Alert, AlertKind, AppriseSink, LogSink, Notifier, WebhookSink
 from .claim import Claim, Outcome, SubmitResult, current_claim
 from .errors import (
     AmbiguousOutcome,
@@ -34,7 +35,6 @@ from .errors import (
     StoreUnavailable,
     UnsupportedFilesystem,
 )
-from .alerts import Alert, AlertKind, AppriseSink, LogSink, Notifier, WebhookSink
 from .guard import Guard
 from .halts import HaltCause, HaltRecord, TradingState
 from .intent import OrderIntent, OrderType, Side, TimeInForce
