@@ -118,7 +118,7 @@ def status(
     store: StoreOpt = None,
     busy_timeout: BusyOpt = None,
 ) -> None:
-    """In-flight and UNKNOWN intents and recently blocked attempts, per strategy."""
+    """Trading halts (who halted what, when, why), in-flight and UNKNOWN intents, recent blocks."""
     from .cli_render import make_console, render_status
     from .cli_status import collect_status
 
@@ -126,10 +126,18 @@ def status(
     choice = _choice(ctx, store, busy_timeout)
     with _ledger(choice) as ledger:
         view = collect_status(ledger, choice.where, start)
+        halts, history = ledger.halts(), ledger.halt_history(limit=rows)
     if as_json:
-        _emit_json(view.to_json())
-    else:
-        render_status(make_console(), view, rows)
+        _emit_json({**view.to_json(), "halts": halts, "halt_history": history})
+        return
+    from .cli_control import halts_table, history_table
+
+    console_ = make_console()
+    if halts:
+        console_.print(halts_table(halts, view.now))
+    render_status(console_, view, rows)
+    if history:
+        console_.print(history_table(history))
 
 
 @app.command()
@@ -271,6 +279,109 @@ def reconcile(
     else:
         render_reconcile(make_console(), choice.where, broker, report, collected.lines)
     raise typer.Exit(EXIT_OK if report.clean else EXIT_NOT_CLEAN)
+
+
+ScopeArg = Annotated[
+    str,
+    typer.Argument(
+        metavar="SCOPE",
+        help="'global', or field=value pairs joined by ',': strategy=spx, account=main, account=main,symbol=SPX.",
+    ),
+]
+ReasonOpt = Annotated[str, typer.Option("--reason", metavar="TEXT", help="Why (recorded and shown to the next operator).")]
+ByOpt = Annotated[str | None, typer.Option("--by", metavar="NAME", help="Who (default: operator USER@HOST).", show_default=False)]
+
+
+@app.command()
+def halt(
+    ctx: typer.Context,
+    scope: ScopeArg,
+    reason: ReasonOpt,
+    reducing: Annotated[bool, typer.Option("--reducing", help="Allow orders that shrink a position (REDUCING) instead of nothing (HALTED).")] = False,
+    by: ByOpt = None,
+    as_json: JsonOpt = False,
+    store: StoreOpt = None,
+    busy_timeout: BusyOpt = None,
+) -> None:
+    """Kill switch: stop new orders in SCOPE for every runner on every host, at their next claim."""
+    _set_state(ctx, scope, "REDUCING" if reducing else "HALTED", reason, by, as_json, store, busy_timeout)
+
+
+@app.command()
+def resume(
+    ctx: typer.Context,
+    scope: ScopeArg,
+    reason: ReasonOpt,
+    by: ByOpt = None,
+    as_json: JsonOpt = False,
+    store: StoreOpt = None,
+    busy_timeout: BusyOpt = None,
+) -> None:
+    """Set SCOPE back to ACTIVE after a halt (manual or automatic)."""
+    _set_state(ctx, scope, "ACTIVE", reason, by, as_json, store, busy_timeout)
+
+
+def _set_state(
+    ctx: typer.Context, scope: str, state: str, reason: str, by: str | None, as_json: bool,
+    store: str | None, busy_timeout: float | None,
+) -> None:
+    from .cli_control import operator_name
+    from .errors import InvalidPolicy
+    from .halts import HaltCause, TradingState
+    from .policies import canonical_halt_scope
+
+    with reported():
+        if not reason.strip():
+            raise CliFailure(EXIT_USAGE, "--reason must say why (it is what the next operator reads)")
+        try:
+            canonical = canonical_halt_scope(scope)
+        except InvalidPolicy as exc:
+            raise CliFailure(EXIT_USAGE, f"bad scope {scope!r}: {exc}") from None
+    choice = _choice(ctx, store, busy_timeout)
+    actor = operator_name(by)
+    with _ledger(choice) as ledger:
+        before = next((h for h in ledger.halts() if h.scope == canonical), None)
+        if state == "ACTIVE" and before is None:
+            covering = ", ".join(h.scope for h in ledger.halts()) or "none"
+            with reported():
+                raise CliFailure(EXIT_NOT_CLEAN, f"{canonical} is not halted (halted scopes: {covering}); nothing changed")
+        record = ledger.set_trading_state(
+            canonical, TradingState(state), cause=HaltCause.OPERATOR, reason=reason, actor=actor
+        )
+    if as_json:
+        _emit_json({"ledger": choice.where, "scope": canonical, "state": state, "before": before, "halt": record})
+    elif record is None:
+        typer.echo(f"{canonical} is ACTIVE again (was {before.state.value if before else 'ACTIVE'}: {before.reason if before else '-'})")
+    else:
+        typer.echo(f"{canonical} is {state} for every runner at its next claim ({actor}: {reason.strip()})")
+
+
+@app.command()
+def runners(
+    ctx: typer.Context,
+    stopped: Annotated[str, typer.Option("--stopped", metavar="T", help="Also runners stopped since T. " + SINCE_HELP)] = "1h",
+    as_json: JsonOpt = False,
+    store: StoreOpt = None,
+    busy_timeout: BusyOpt = None,
+) -> None:
+    """Registered runners: code fingerprint, git commit, heartbeat; flags STALE and MIXED_VERSIONS.
+
+    Exit 1 when a runner is flagged (a killed or frozen runner, or an old runner left alive
+    after a deploy), so a cron job or health check can alert on it.
+    """
+    from .cli_control import collect_runners, render_runners
+    from .cli_render import make_console
+
+    now = time.time()
+    start = parse_since(stopped, now)
+    choice = _choice(ctx, store, busy_timeout)
+    with _ledger(choice) as ledger:
+        view = collect_runners(ledger, choice.where, max(0.0, now - start))
+    if as_json:
+        _emit_json(view.to_json())
+    else:
+        render_runners(make_console(), view)
+    raise typer.Exit(EXIT_NOT_CLEAN if view.flags else EXIT_OK)
 
 
 @app.command()

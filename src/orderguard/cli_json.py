@@ -12,7 +12,10 @@ from typing import Any
 from .intent import canonical_decimal
 
 # Float fields of the records that hold Unix times (store clock).
-TIME_FIELDS = frozenset({"at", "created_at", "updated_at", "first_miss_at", "send_by_at"})
+TIME_FIELDS = frozenset({
+    "at", "created_at", "updated_at", "first_miss_at", "send_by_at", "registered_at", "heartbeat_at", "stopped_at",
+    "expires_at", "acquired_at",
+})
 
 
 def iso_time(epoch: float) -> str:

@@ -4,7 +4,9 @@ Once with the naive guard trading bots typically use (check the trades table, se
 trade after the fill; for scenario 6 a lock with a TTL on top), once through orderguard. Both
 runs trade on the embedded paper venue in a temporary folder, so the venue's own order log and
 cash say how many orders went out and what they cost. Real threads, asyncio tasks and OS
-processes race; scenario 8 really kills a process with SIGKILL after its send.
+processes race; scenario 8 really kills a process with SIGKILL after its send. Scenario 9 is a
+buggy strategy whose orders are all distinct: orderguard with dedupe only, then with its
+circuit breakers (a rate and a notional limit that trip a halt).
 """
 
 from __future__ import annotations
@@ -30,12 +32,13 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .alerts import Alert, Notifier
 from .brokers.base import BrokerOrder, OrderRequest
 from .brokers.paper import PaperBroker, PaperFaults
 from .errors import AmbiguousOutcome
 from .guard import Guard
 from .intent import OrderIntent, Side
-from .policies import Cooldown, OncePer, OneOpen, Policy, TradingDay
+from .policies import Cooldown, Ever, NotionalLimit, OncePer, OneOpen, Policy, RateLimit, TradingDay
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -53,6 +56,8 @@ class RunResult:
     cash_spent: Decimal
     intended_notional: Decimal
     blocked: Counter[str] = field(default_factory=Counter)
+    halts: list[str] = field(default_factory=list)  # "scope (CAUSE)" of halts the run tripped
+    alerts: int = 0  # alert messages a notifier delivered (storms aggregated)
 
     @property
     def duplicates(self) -> int:
@@ -457,6 +462,55 @@ def s8_killed_after_send(world: World) -> tuple[int, Counter[str]]:
     return tally.attempts, Counter()
 
 
+BREAKER_RATE = RateLimit(20, per_seconds=60, by=("strategy",), trip=True)
+BREAKER_NOTIONAL = NotionalLimit(50_000, per_seconds=3600, by=("strategy",), trip=True)
+
+
+class _Collect:
+    """An alert sink that counts (the demo shows how many messages an operator would get)."""
+
+    name = "demo"
+
+    def __init__(self) -> None:
+        self.alerts: list[Alert] = []
+
+    def send(self, alert: Alert) -> None:
+        self.alerts.append(alert)
+
+
+def s9_buggy_strategy(world: World) -> tuple[int, Counter[str]]:
+    """A bug fires 8 tasks per symbol across 40 symbols, every order distinct (its own signal id),
+    so dedupe cannot stop it. Dedupe only (world.guarded False) vs. with circuit breakers."""
+    world.venue.update(ack_latency=0.01)
+    tally = Tally()
+    sink = _Collect()
+    notifier = Notifier([sink], interval=60)
+
+    async def main() -> None:
+        broker = world.broker()
+        guard = Guard.open(world.ledger_url, synchronous="NORMAL", runner="buggy", alerts=notifier)
+        dedupe: Policy = OncePer(Ever(), by=("strategy", "symbol", "tags.signal"))
+        policy = [dedupe, BREAKER_RATE, BREAKER_NOTIONAL] if world.guarded else [dedupe]
+
+        async def task(symbol: str, n: int) -> None:
+            intent = OrderIntent(
+                account="main", strategy="buggy-momentum", symbol=symbol, side=Side.BUY, quantity=world.quantity,
+                reference_price=world.price, source="task", tags={"signal": f"{symbol}-{n}"},
+            )
+            result = await guard.asubmit(intent, broker, policy=policy)
+            tally.add(result.reason.value if result.reason else None)
+
+        await asyncio.gather(*(task(s, n) for s in SYMBOLS for n in range(8)))
+        world.venue["halts"] = [f"{h.scope} ({h.cause.value})" for h in guard.halts()]
+        guard.close()
+        notifier.close()
+        world.venue["alerts"] = sum(a.count for a in sink.alerts), len(sink.alerts)
+        broker.close()
+
+    asyncio.run(main())
+    return tally.attempts, tally.blocked
+
+
 @dataclass(frozen=True)
 class Scenario:
     title: str
@@ -464,6 +518,7 @@ class Scenario:
     quantity: Decimal = Decimal(4)
     price: Decimal = Decimal("5890")  # an SPX-sized notional per contract
     intended: int = 1
+    breaker: bool = False  # compares dedupe only with dedupe + circuit breakers
 
 
 SCENARIOS: list[Scenario] = [
@@ -476,6 +531,8 @@ SCENARIOS: list[Scenario] = [
     Scenario("fill slower than the lock TTL (1 s), retries during it", s6_slow_fill),
     Scenario("ack lost after accept; the caller retries", s7_ack_lost),
     Scenario("killed (SIGKILL) after the send, restarted", s8_killed_after_send),
+    Scenario("buggy strategy: 8 tasks x 40 symbols, every order distinct (circuit breakers)", s9_buggy_strategy,
+             quantity=Decimal(100), price=Decimal("31.20"), intended=0, breaker=True),
 ]
 
 
@@ -485,6 +542,8 @@ def _run_once(folder: Path, scenario: Scenario, guarded: bool) -> RunResult:
     if not guarded:
         NaiveBot(world)  # the naive tables exist before any process races
     attempts, blocked = scenario.run(world)
+    halts: list[str] = world.venue.pop("halts", [])
+    alerts = world.venue.pop("alerts", (0, 0))[1]
     broker = world.broker()
     try:
         orders = broker.orders()
@@ -494,6 +553,7 @@ def _run_once(folder: Path, scenario: Scenario, guarded: bool) -> RunResult:
     return RunResult(
         attempts=attempts, intended=scenario.intended, broker_orders=len(orders), cash_spent=spent,
         intended_notional=scenario.intended * scenario.quantity * scenario.price, blocked=blocked,
+        halts=halts, alerts=alerts,
     )
 
 
@@ -507,7 +567,8 @@ def run_demo(only: int | None = None, progress: Callable[[str], None] | None = N
             runs = {}
             for guarded in (False, True):
                 if progress:
-                    progress(f"{number}. {scenario.title} ({'orderguard' if guarded else 'naive guard'})")
+                    labels = ("dedupe only", "with breakers") if scenario.breaker else ("naive guard", "orderguard")
+                    progress(f"{number}. {scenario.title} ({labels[guarded]})")
                 runs[guarded] = _run_once(Path(tmp) / f"{number}-{'guarded' if guarded else 'naive'}", scenario, guarded)
             results.append(ScenarioResult(number, scenario.title, runs[False], runs[True]))
     return results
@@ -521,10 +582,42 @@ def _as_dict(run: RunResult) -> dict[str, Any]:
         "attempts": run.attempts, "intended_orders": run.intended, "broker_orders": run.broker_orders,
         "duplicates": run.duplicates, "phantom_notional": str(run.phantom_notional),
         "cash_drained": str(run.cash_drained), "blocked": dict(sorted(run.blocked.items())),
+        "notional_placed": str(run.cash_spent), "halts": run.halts, "alerts": run.alerts,
     }
 
 
+def _breaker_ok(run: RunResult) -> bool:
+    """The breaker stopped the buggy strategy within its limits and halted it."""
+    assert BREAKER_NOTIONAL.amount is not None
+    return run.broker_orders <= BREAKER_RATE.n and run.cash_spent <= BREAKER_NOTIONAL.amount and bool(run.halts)
+
+
+def _ok(result: ScenarioResult) -> bool:
+    if any(s.breaker for i, s in enumerate(SCENARIOS, start=1) if i == result.number):
+        return _breaker_ok(result.guarded)
+    return result.guarded.duplicates == 0
+
+
+def _breaker_table(result: ScenarioResult) -> Table:
+    table = Table(title=f"{result.number}. {result.title}", title_justify="left", min_width=78)
+    table.add_column("")
+    for column in ("attempts", "broker orders", "notional placed", "alerts"):
+        table.add_column(column, justify="right")
+    table.add_column("halted / blocked by reason")
+    for label, run, style in (("dedupe only", result.unguarded, "red"), ("with breakers", result.guarded, "green")):
+        why = ", ".join([*run.halts, *(f"{k} {v}" for k, v in sorted(run.blocked.items()))]) or "-"
+        table.add_row(
+            label, str(run.attempts), f"[{style}]{run.broker_orders}[/{style}]",
+            f"[{style}]${run.cash_spent:,.2f}[/{style}]", str(run.alerts), why,
+        )
+    table.caption = f"limits: {BREAKER_RATE!r}, {BREAKER_NOTIONAL!r}"
+    table.caption_justify = "left"
+    return table
+
+
 def _table(result: ScenarioResult) -> Table:
+    if result.number <= len(SCENARIOS) and SCENARIOS[result.number - 1].breaker:
+        return _breaker_table(result)
     table = Table(title=f"{result.number}. {result.title}", title_justify="left", min_width=78)
     table.add_column("")
     for column in ("attempts", "broker orders", "duplicates", "phantom notional", "cash drained"):
@@ -560,7 +653,7 @@ def main(*, scenario: int | None, as_json: bool, verbose: bool, console: Console
                 bar.update(task, description=title, advance=0 if bar.tasks[0].description == "starting" else 1)
 
             results = run_demo(scenario, progress=step)
-    ok = all(r.guarded.duplicates == 0 for r in results)
+    ok = all(_ok(r) for r in results)
     if as_json:
         payload = [{"scenario": r.number, "title": r.title, "unguarded": _as_dict(r.unguarded),
                     "guarded": _as_dict(r.guarded)} for r in results]
@@ -568,15 +661,21 @@ def main(*, scenario: int | None, as_json: bool, verbose: bool, console: Console
         return 0 if ok else 1
     for r in results:
         console.print(_table(r))
-    naive_dups = sum(r.unguarded.duplicates for r in results)
-    phantom = sum((r.unguarded.phantom_notional for r in results), Decimal(0))
+    naive_dups = sum(r.unguarded.duplicates for r in results if not SCENARIOS[r.number - 1].breaker)
+    phantom = sum((r.unguarded.phantom_notional for r in results if not SCENARIOS[r.number - 1].breaker), Decimal(0))
+    breaker = [r for r in results if SCENARIOS[r.number - 1].breaker]
     if ok:
-        console.print(
-            f"[green]orderguard: 0 duplicate orders.[/green] The naive guard sent {naive_dups} duplicates "
-            f"(${phantom:,.2f} of phantom notional). {time.monotonic() - started:.1f}s"
-        )
+        line = "[green]orderguard: 0 duplicate orders.[/green]"
+        if naive_dups:
+            line += f" The naive guard sent {naive_dups} duplicates (${phantom:,.2f} of phantom notional)."
+        for r in breaker:
+            line += (
+                f" The buggy strategy placed ${r.unguarded.cash_spent:,.2f} with dedupe only, "
+                f"${r.guarded.cash_spent:,.2f} before its breaker halted it."
+            )
+        console.print(f"{line} {time.monotonic() - started:.1f}s")
     else:
-        console.print("[red]a guarded run produced a duplicate order[/red]")
+        console.print("[red]a guarded run produced a duplicate order, or a breaker did not hold[/red]")
     return 0 if ok else 1
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import functools
 import inspect
@@ -141,6 +142,7 @@ class Guard:
             self._heartbeat = _Heartbeat(self, every)
             self._heartbeat.check_peers()
             self._heartbeat.start()
+            atexit.register(self._stop_registration)  # a script that never closes still stops cleanly
 
     @classmethod
     def open(
@@ -181,13 +183,7 @@ class Guard:
 
     def close(self) -> None:
         """Stop heartbeating, mark the runner stopped (its lease is given up), close the store."""
-        if self._heartbeat is not None:
-            self._heartbeat.stop()
-            self._heartbeat = None
-            try:
-                self.store.stop_runner(self.runner_id)
-            except StoreError as exc:
-                log.warning("runner %s could not record its stop: %s", self.runner, exc)
+        self._stop_registration()
         if self.alerts is not None:
             if self._own_notifier:
                 self.alerts.close()
@@ -200,6 +196,17 @@ class Guard:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _stop_registration(self) -> None:
+        heartbeat, self._heartbeat = self._heartbeat, None
+        if heartbeat is None or os.getpid() != heartbeat.pid:  # a forked child never stops its parent's runner
+            return
+        atexit.unregister(self._stop_registration)
+        heartbeat.stop()
+        try:
+            self.store.stop_runner(self.runner_id)
+        except StoreError as exc:
+            log.warning("runner %s could not record its stop: %s", self.runner, exc)
 
     # --------------------------------------------------------------------------- claims
 
@@ -659,6 +666,7 @@ class _Heartbeat(threading.Thread):
         super().__init__(name=f"orderguard-heartbeat-{guard.runner}", daemon=True)
         self.guard = guard
         self.every = every
+        self.pid = os.getpid()
         self._halt_event = threading.Event()
         self._leading: bool | None = None
         self._flagged: set[tuple[str, str]] = set()

@@ -178,7 +178,7 @@ class Ever(Window):
 # --------------------------------------------------------------------------------- policies
 
 
-def _check_by(by: Sequence[str]) -> tuple[str, ...]:
+def _check_by(by: Sequence[str], what: str = "by=") -> tuple[str, ...]:
     if isinstance(by, str):
         by = (by,)
     fields = tuple(by)
@@ -187,7 +187,7 @@ def _check_by(by: Sequence[str]) -> tuple[str, ...]:
     for name in fields:
         if name not in INTENT_FIELDS and not (name.startswith("tags.") and len(name) > 5):
             known = ", ".join(sorted(INTENT_FIELDS))
-            raise InvalidPolicy(f"by= names {name!r}, which is not an intent field ({known}, tags.NAME)")
+            raise InvalidPolicy(f"{what} names {name!r}, which is not an intent field ({known}, tags.NAME)")
     if len(set(fields)) != len(fields):
         raise InvalidPolicy("by= names a field twice")
     return fields
@@ -399,7 +399,8 @@ def parse_halt_scope(text: str) -> tuple[tuple[str, str], ...]:
         name, sep, value = part.strip().partition("=")
         if not sep or not value:
             raise InvalidPolicy(f"{part.strip()!r} in trading scope {text!r} is not field=value")
-        _check_by((name,))
+        _check_by((name.strip(),), "the trading scope")
+        name = name.strip()
         if name in pairs:
             raise InvalidPolicy(f"trading scope {text!r} names {name!r} twice")
         pairs[name] = unquote(value)

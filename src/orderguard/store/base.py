@@ -512,11 +512,12 @@ class Store(ABC):
         self._control("runner stop", lambda x, now: control.stop_runner(x, runner_id, now), write=True)
 
     def runners(self, *, stopped_within: float = 3600.0) -> list[RunnerRecord]:
-        """Registered runners: every one not stopped, and those stopped in the last ``stopped_within`` s."""
+        """Registered runners: every one not stopped (unless silent for a week), and those stopped
+        in the last ``stopped_within`` seconds; newest first."""
         from . import control
 
         return self._control(  # type: ignore[no-any-return]
-            "read", lambda x, now: control.list_runners(x, now - stopped_within), write=False
+            "read", lambda x, now: control.list_runners(x, now - stopped_within, now), write=False
         )
 
     def leases(self) -> list[Lease]:

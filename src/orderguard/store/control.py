@@ -365,11 +365,15 @@ def stop_runner(x: Exec, runner_id: str, now: float) -> None:
     x("UPDATE leases SET expires_at = ? WHERE holder = ? AND expires_at > ?", (now, runner_id, now))
 
 
-def list_runners(x: Exec, since: float) -> list[RunnerRecord]:
-    """Runners not stopped, and those stopped after ``since``; newest first."""
+FORGET_SILENT_AFTER = 7 * 86400.0  # a runner silent this long without stopping is no longer listed
+
+
+def list_runners(x: Exec, since: float, now: float) -> list[RunnerRecord]:
+    """Runners not stopped (silent for a week: forgotten), and those stopped after ``since``; newest first."""
     rows = x(
-        f"SELECT {_RUNNER_COLS} FROM runners WHERE stopped_at IS NULL OR stopped_at >= ? ORDER BY registered_at DESC",
-        (since,),
+        f"SELECT {_RUNNER_COLS} FROM runners WHERE (stopped_at IS NULL AND heartbeat_at >= ?) OR stopped_at >= ? "
+        "ORDER BY registered_at DESC",
+        (now - FORGET_SILENT_AFTER, since),
     )
     return [runner_from_row(r) for r in rows]
 
