@@ -32,7 +32,6 @@ from orderguard import Alert, Cycle, Guard, Notifier, OncePer, OrderIntent, Side
 from orderguard.brokers import PaperBroker
 
 _out = threading.Lock()
-TICK_POLICY = OncePer(Cycle("tick"), by=("strategy", "symbol"))
 
 
 def emit(event: str, **fields: Any) -> None:

@@ -225,3 +225,30 @@ def test_opening_a_guard_upgrades_a_schema_1_ledger_in_place(store: Path, tmp_pa
         assert again.reason is BlockReason.DUPLICATE and again.holder is not None
         assert first.intent is not None and again.holder.id == first.intent.id  # history kept
     broker.close()
+
+
+def test_reconcile_halts_a_drifting_symbol_unless_told_not_to(store: Path, tmp_path: Path) -> None:
+    from decimal import Decimal
+
+    from orderguard.brokers import OrderRequest
+
+    paper = tmp_path / "paper.db"
+    broker = PaperBroker.open(f"sqlite:///{paper}")
+    with Guard.open(f"sqlite:///{store}") as guard:
+        guard.submit(make_intent(symbol="SPX"), broker, policy=POLICY)
+    broker.submit(OrderRequest("by-hand", "main", "SPX", "BUY", Decimal(3), "MARKET", None, None, "DAY"))
+    broker.close()
+
+    code, out, _ = cli("reconcile", "--broker", f"paper://{paper}", "--no-halt", "--json", "--store", store)
+    import json
+
+    report = json.loads(out)
+    assert code == EXIT_NOT_CLEAN and report["drift"] and report["halts"] == []
+    assert cli_json("status", "--store", store)["halts"] == []
+
+    code, out, _ = cli("reconcile", "--broker", f"paper://{paper}", "--alert", "log://", "--store", store)
+    assert code == EXIT_NOT_CLEAN
+    assert "HALTED account=main,symbol=SPX (cause DRIFT)" in out
+    (halt,) = cli_json("status", "--store", store)["halts"]
+    assert (halt["scope"], halt["cause"]) == ("account=main,symbol=SPX", "DRIFT")
+    assert "orderguard-reconcile" in halt["actor"] and "venue" not in halt["actor"]

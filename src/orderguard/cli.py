@@ -244,14 +244,21 @@ def reconcile(
         typer.Option("--grace", metavar="S", min=0, help="Seconds between the two lookups that prove 'not found' (default: the venue's lookup lag allowance).", show_default=False),
     ] = None,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Do not sleep out the grace: record first misses, decide them in a later run.")] = False,
+    no_halt: Annotated[bool, typer.Option("--no-halt", help="Report drift without halting the drifting account and symbol.")] = False,
+    alert: Annotated[
+        list[str] | None,
+        typer.Option("--alert", metavar="URL", help="Send DRIFT/HALTED alerts here (log://, http(s):// webhook, or an Apprise URL; repeatable).", show_default=False),
+    ] = None,
     as_json: JsonOpt = False,
     store: StoreOpt = None,
     busy_timeout: BusyOpt = None,
 ) -> None:
     """Resolve CLAIMED/SENDING/UNKNOWN (and bring ACKED/PARTIALLY_FILLED up to date) by asking the venue.
 
+    Position drift halts the drifting account and symbol (cause DRIFT) unless --no-halt.
     Exit status 0 when nothing is left unresolved and ledger and venue positions agree, else 1.
     """
+    from .alerts import Notifier
     from .brokers.spec import close_broker, open_broker
     from .cli_render import make_console, render_reconcile
     from .guard import Guard
@@ -260,21 +267,25 @@ def reconcile(
     collected = _Warnings()
     logger = logging.getLogger("orderguard")
     with reported(choice.origin):
+        notifier = Notifier(alert) if alert else None
         venue = open_broker(broker)
         try:
             with _ledger(choice) as ledger:
                 logger.addHandler(collected)
                 try:
-                    report = Guard(ledger, runner="orderguard-cli").reconcile(venue, grace=grace, wait=not no_wait)
+                    guard = Guard(ledger, runner="orderguard-reconcile", register=False, alerts=notifier)
+                    report = guard.reconcile(venue, grace=grace, wait=not no_wait, halt_on_drift=not no_halt)
                 finally:
                     logger.removeHandler(collected)
         finally:
             close_broker(venue)
+            if notifier is not None:
+                notifier.close()
     if as_json:
         _emit_json({
             "ledger": choice.where, "broker": broker, "clean": report.clean, "decisions": report.decisions,
             "unresolved": report.unresolved, "drift": [{**vars(x), "difference": x.difference} for x in report.drift],
-            "warnings": collected.lines,
+            "halts": report.halts, "warnings": collected.lines,
         })
     else:
         render_reconcile(make_console(), choice.where, broker, report, collected.lines)

@@ -295,6 +295,11 @@ def render_reconcile(console: Console, ledger: str, broker: str, report: Reconci
             table.add_row(Text(x.account), Text(x.symbol), canonical_decimal(x.ledger),
                           canonical_decimal(x.broker), canonical_decimal(x.difference))
         console.print(table)
+    for h in report.halts:
+        console.print(
+            Text(f"HALTED {h.scope} (cause DRIFT): check the venue, then `orderguard resume '{h.scope}' --reason ...`"),
+            style="bold red",
+        )
     summary = (
         f"{len(report.decisions)} decided, {len(report.unresolved)} unresolved, "
         f"{len(report.drift)} position drift(s)"

@@ -581,9 +581,13 @@ class Guard:
     # ------------------------------------------------------------------- reconcile & ops
 
     def reconcile(
-        self, broker: Broker, *, grace: float | None = None, stale_after: float | None = None, wait: bool = True
+        self, broker: Broker, *, grace: float | None = None, stale_after: float | None = None, wait: bool = True,
+        halt_on_drift: bool = True,
     ) -> ReconcileReport:
-        """Resolve SENDING/UNKNOWN intents by looking them up at ``broker``; see :mod:`reconcile`."""
+        """Resolve SENDING/UNKNOWN intents by looking them up at ``broker``; see :mod:`reconcile`.
+
+        Position drift halts the drifting account and symbol (cause DRIFT) unless ``halt_on_drift=False``.
+        """
         from .reconcile import reconcile
 
         grace = broker.lookup_grace if grace is None else grace
@@ -595,7 +599,7 @@ class Guard:
         return reconcile(
             self.store, broker, grace=grace,
             stale_after=self.stale_after if stale_after is None else stale_after, wait=wait,
-            notifier=self.alerts, actor=self._actor(),
+            notifier=self.alerts, actor=self._actor(), halt_on_drift=halt_on_drift,
         )
 
     def runners(self) -> list[RunnerRecord]:
