@@ -101,7 +101,7 @@ class Receiver:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = int(self.server.server_address[1])
-        self._thread = threading.Thread(target=self.server.serve_forever, name="test-receiver", daemon=True)
+        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), name="test-receiver", daemon=True)
         self._thread.start()
 
     def url(self, path: str = "/hook") -> str:

@@ -182,7 +182,11 @@ class Guard:
             raise
 
     def close(self) -> None:
-        """Stop heartbeating, mark the runner stopped (its lease is given up), close the store."""
+        """Stop heartbeating, mark the runner stopped (its lease is given up), close the store.
+
+        Close a guard only when none of its calls is still running: the reconciler on another
+        host reads "stopped" as "this owner sends nothing more" once a claim's deadline passed.
+        """
         self._stop_registration()
         if self.alerts is not None:
             if self._own_notifier:
@@ -711,9 +715,10 @@ class _Heartbeat(threading.Thread):
         """Log and alert stale runners and mixed code versions of this guard's strategy, once each."""
         guard = self.guard
         now = guard.store.now()
-        for flag in runner_flags(guard.store.runners(stopped_within=0), now):
-            if flag.runner.strategy != guard.strategy:
-                continue
+        flags = [f for f in runner_flags(guard.store.runners(stopped_within=0), now) if f.runner.strategy == guard.strategy]
+        current = {(f.kind, f.runner.id) for f in flags}
+        self._flagged &= current  # a runner that recovers and goes stale again is reported again
+        for flag in flags:
             key = (flag.kind, flag.runner.id)
             if key in self._flagged:
                 continue

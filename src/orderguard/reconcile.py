@@ -141,11 +141,15 @@ class _Reconciler:
             return True, f"its owner (pid {rec.pid} on {rec.host}) is gone"
         owner = f"pid {rec.pid} on {rec.host}" + (" is alive" if alive else "")
         if alive is None:  # another host: the runner registry may know
-            runner = self.runner_of(rec)
-            if runner is not None and runner.stopped_at is not None and runner.stopped_at >= rec.created_at:
-                return True, f"its owner ({runner.who()}) stopped its guard after claiming it"
-            if runner is not None and runner.stale(now):
-                owner += f", whose heartbeat stopped {now - runner.heartbeat_at:.0f}s ago (if that host is down, resolve by hand)"
+            runners = self.runners_of(rec)
+            # Gone only if every guard of that process stopped after the claim (a process may
+            # open several), and a claim with a send deadline is also past it.
+            stopped = bool(runners) and all(r.stopped_at is not None and r.stopped_at >= rec.created_at for r in runners)
+            if stopped and (rec.send_by_at is None or now > rec.send_by_at):
+                return True, f"its owner ({runners[0].who()}) stopped its guard after claiming it"
+            if any(r.stale(now) for r in runners):
+                stale = max(now - r.heartbeat_at for r in runners)
+                owner += f", whose heartbeat stopped {stale:.0f}s ago (if that host is down, resolve by hand)"
         if rec.state is State.CLAIMED or rec.send_by_at is None:
             # A claim() body or decorated function sends when it likes: only its death frees it.
             return False, f"its owner ({owner}) controls the send; resolve it by hand if that owner hung"
@@ -153,17 +157,16 @@ class _Reconciler:
             return True, f"its owner ({owner}) let its send deadline pass {now - rec.send_by_at:.1f}s ago"
         return False, f"its owner ({owner}) may still send until {self.stale_after:g}s after its deadline"
 
-    def runner_of(self, rec: IntentRecord) -> RunnerRecord | None:
+    def runners_of(self, rec: IntentRecord) -> list[RunnerRecord]:
+        """Every registered guard of the process that made the claim."""
         if self._runners is None:
             try:
                 self._runners = self.store.runners(stopped_within=30 * 86400)
             except OrderGuardError as exc:
                 log.warning("runner registry unavailable for owner liveness: %s", exc)
                 self._runners = []
-        for runner in self._runners:
-            if (runner.host, runner.pid, runner.started) == (rec.host, rec.pid, rec.owner_started):
-                return runner
-        return None
+        owner = (rec.host, rec.pid, rec.owner_started)
+        return [r for r in self._runners if (r.host, r.pid, r.started) == owner]
 
     def first_pass(self, rec: IntentRecord, now: float) -> IntentRecord | None:
         """Look one intent up; returns it when the venue did not show it (needs a second look)."""
