@@ -375,6 +375,21 @@ def test_webhook_drift_found_by_reconcile_posts_drift_and_halted(kit: Kit) -> No
     assert bodies[2]["first_at"] is not None  # a summary, not a new immediate alert
 
 
+def test_drift_without_halting_posts_drift_only(kit: Kit) -> None:
+    receiver = kit.receiver()
+    notifier = kit.notifier([WebhookSink(receiver.url())], interval=60)
+    guard = kit.guard(alerts=notifier)
+    broker = kit.broker()
+    assert guard.submit(make_intent(quantity=4), broker, policy=ONCE).state is State.FILLED
+    broker.submit(OrderRequest("by-hand-2", "main", "SPX", "SELL", Decimal(1), "MARKET", None, None, "DAY"))
+    report = guard.reconcile(broker, grace=0.0, halt_on_drift=False)
+    assert len(report.drift) == 1 and report.halts == [] and guard.halts() == []
+    assert notifier.flush()
+    (body,) = receiver.bodies()
+    assert (body["kind"], body["scope"]) == ("DRIFT", "account=main,symbol=SPX")
+    assert body["message"].endswith("paper shows 3 (difference -1)")
+
+
 def test_guard_with_url_strings_owns_its_notifier_and_closes_it(kit: Kit) -> None:
     receiver = kit.receiver()
     before = set(alert_threads())
@@ -630,10 +645,6 @@ def test_aggregation_is_per_kind_and_scope() -> None:
     ]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: alerts.py Notifier.notify (~line 201) replaces an expired window that still holds a count "
-    "before the ticker summarised it, so a storm longer than the interval loses its summaries"
-))
 def test_a_storm_longer_than_the_interval_loses_no_events() -> None:
     sink = Collecting()
     notifier = Notifier([sink], interval=0.05)
@@ -857,10 +868,6 @@ def test_close_delivers_pending_summaries_and_stops_the_threads(kit: Kit) -> Non
     assert len(receiver.bodies()) == 2 and notifier.sent == 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: alerts.py Notifier.close (~line 284) puts its stop sentinel with put_nowait: when the queue "
-    "is full the sentinel is dropped (and counted in dropped), so the sender thread never stops"
-))
 def test_close_with_a_full_queue_still_stops_the_sender_once_the_sink_frees_up(kit: Kit) -> None:
     blocking = kit.blocking()
     before = set(alert_threads())

@@ -136,7 +136,12 @@ class AppriseSink:
                 raise ConfigurationError(f"Apprise does not understand the alert URL scheme {scheme!r}://")
 
     def send(self, alert: Alert) -> None:
-        if not self._apprise.notify(title=alert.title, body=alert.body):
+        import apprise
+
+        kind = {"critical": apprise.NotifyType.FAILURE, "warning": apprise.NotifyType.WARNING}.get(
+            alert.severity, apprise.NotifyType.INFO
+        )
+        if not self._apprise.notify(title=alert.title, body=alert.body, notify_type=kind):
             raise OSError("Apprise could not deliver the alert to any of its URLs")
 
 
@@ -200,6 +205,9 @@ class Notifier:
                     window.count += 1
                     window.last = alert
                     return
+                if window is not None and window.count and window.last is not None:
+                    # the window ended before the timer saw it: its summary goes first
+                    self._put(replace(window.last, count=window.count, first_at=window.first_at))
                 self._windows[(alert.kind, scope)] = _Window(until=now + self.interval, first_at=now)
             self._put(alert)
             self._wake.set()
@@ -212,7 +220,8 @@ class Notifier:
         try:
             self._queue.put_nowait(alert)
         except queue.Full:
-            self.dropped += 1
+            with self._idle:
+                self.dropped += 1
             self._done()
 
     def _tick_loop(self) -> None:
@@ -236,7 +245,12 @@ class Notifier:
 
     def _send_loop(self) -> None:
         while True:
-            alert = self._queue.get()
+            try:
+                alert = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                if self._closed:
+                    return
+                continue
             if alert is None:
                 self._done()
                 return
@@ -279,6 +293,11 @@ class Notifier:
         with self._lock:
             self._closed = True
         self._wake.set()
-        self._put(None)
+        with self._idle:
+            self._busy += 1
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:  # a stuck sink: the sender stops once it frees up (it sees _closed)
+            self._done()
         self._sender.join(timeout)
         self._ticker.join(timeout)

@@ -8,7 +8,7 @@ one scope or lease (transaction-scoped row locks only).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -292,7 +292,7 @@ def trip(x: Exec, refusal: Refusal, rule: ScopeRule, actor: str, now: float) -> 
     cause = HaltCause.RATE_LIMIT if refusal.reason is BlockReason.RATE_LIMIT else HaltCause.NOTIONAL_LIMIT
     reason = refusal.message.split(" — ", 1)[-1].split(" Nothing was sent.")[0]
     halt = set_state(x, rule.halt_scope, TradingState.HALTED, cause, reason, actor, now, keep_existing=True)
-    return Refusal(refusal.reason, refusal.message, refusal.scope_key, halt, tripped=True)
+    return replace(refusal, halt=halt, tripped=True)
 
 
 # ----------------------------------------------------------------------------- halts
