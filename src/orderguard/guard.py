@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from types import ModuleType
 
     from .alerts import Sink
-    from .brokers.base import Broker, BrokerOrder
+    from .brokers.base import Broker, BrokerOrder, OrderRequest
     from .reconcile import ReconcileReport
     from .store.base import AttemptRecord, ClaimDecision, IntentRecord, Store
 
@@ -300,7 +300,7 @@ class Guard:
                     f"{len(unknown)} orders of strategy {record.strategy} have unknown outcomes (latest "
                     f"{record.client_order_id}: {detail}); the venue or the network is failing"
                 ),
-                cause=HaltCause.UNKNOWN_OUTCOMES, only_if_active=True,
+                cause=HaltCause.UNKNOWN_OUTCOMES, keep_existing=True,
             )
 
     def _halt_later(self, strategy: str, cause: HaltCause, reason: str) -> None:
@@ -320,7 +320,7 @@ class Guard:
         try:
             while pending:
                 scope, cause, reason = pending[0]
-                self.halt(scope, reason=reason, cause=cause, only_if_active=True, notify=False)
+                self.halt(scope, reason=reason, cause=cause, keep_existing=True, notify=False)
                 pending.pop(0)
         finally:
             if pending:
@@ -334,17 +334,20 @@ class Guard:
         reason: str,
         reducing: bool = False,
         cause: HaltCause = HaltCause.OPERATOR,
-        only_if_active: bool = False,
+        keep_existing: bool = False,
         notify: bool = True,
     ) -> HaltRecord | None:
         """Kill switch: HALT (or, with ``reducing=True``, allow only position-shrinking orders in)
         a trading scope — ``"global"``, ``"strategy=x"``, ``"account=a,symbol=SPX"`` — for every
-        process and host using this ledger, until :meth:`resume`."""
+        process and host using this ledger, until :meth:`resume`. ``keep_existing``: a scope
+        already HALTED keeps its first cause and nothing is written (returns None)."""
         scope = canonical_halt_scope(scope)
-        if only_if_active and any(h.scope == scope for h in self.store.halts()):
-            return None
         state = TradingState.REDUCING if reducing else TradingState.HALTED
-        record = self.store.set_trading_state(scope, state, cause=cause, reason=reason, actor=self._actor())
+        record = self.store.set_trading_state(
+            scope, state, cause=cause, reason=reason, actor=self._actor(), keep_existing=keep_existing
+        )
+        if keep_existing and record is not None and (record.cause, record.reason) != (cause, reason.strip()):
+            return None  # it was already halted: its first cause stands
         log.error("%s %s (%s): %s. Resume with `orderguard resume '%s' --reason ...`.", state.value, scope, cause.value, reason, scope)
         if notify and self.alerts is not None:
             self.alerts.notify(AlertKind.HALTED, scope, f"{state.value} {scope} ({cause.value}): {reason}")
@@ -460,8 +463,12 @@ class Guard:
                 "sender or a recreated ledger may be reusing ids",
             )
             order = self._lookup_after_duplicate(broker, request.client_order_id)
-            if order is None:
-                why = f"venue reports a duplicate id but lookup finds none: {exc}"
+            if order is None or not _same_order(order, request):
+                why = (
+                    f"venue reports a duplicate id but lookup finds none: {exc}" if order is None else
+                    f"venue reports a duplicate id and holds a different order under it ({order.side} "
+                    f"{order.quantity} {order.symbol}, account {order.account}): {exc}"
+                )
                 return self._settle(claim, functools.partial(claim.unknown, why), Outcome.SENT, None)
         except BaseException as exc:  # AmbiguousOutcome, or anything unclassified: fail safe
             why = f"{type(exc).__name__}: {exc}"
@@ -635,6 +642,13 @@ class Guard:
         return self.store.transition(
             record.id, record.fence, State(state), TransitionFields(note=f"operator: {note}"), take_over=True
         )
+
+
+def _same_order(order: BrokerOrder, request: OrderRequest) -> bool:
+    """Whether the venue's order under a client order id is the one this claim asked for."""
+    return (order.account, order.symbol, str(order.side).upper(), order.quantity) == (
+        request.account, request.symbol, str(request.side).upper(), request.quantity,
+    )
 
 
 def _blocked_result(claim: Claim) -> SubmitResult:

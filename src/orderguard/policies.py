@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Context, Decimal, InvalidOperation, localcontext
 from enum import StrEnum
 from typing import Any
 from urllib.parse import quote, unquote
@@ -353,7 +353,7 @@ class NotionalLimit(Policy):
         key = scope_key(ScopeKind.NOTIONAL, self.by, intent, f"{self.per_seconds:g}s")
         return ScopeRule(
             ScopeKind.NOTIONAL, key, repr(self), seconds=self.per_seconds, amount=self.amount,
-            notional=intent.quantity * price, trip=self.trip, halt_scope=halt_scope_of(self.by, intent),
+            notional=_exact_product(intent.quantity, price), trip=self.trip, halt_scope=halt_scope_of(self.by, intent),
         )
 
     def __repr__(self) -> str:
@@ -361,6 +361,11 @@ class NotionalLimit(Policy):
             f"NotionalLimit({format(self.amount, 'f')}, per_seconds={self.per_seconds:g}, by={self.by}"
             f"{', trip=True' if self.trip else ''})"
         )
+
+
+def _exact_product(quantity: Decimal, price: Decimal) -> Decimal:
+    with localcontext(Context(prec=80)):  # never rounded: the default 28 digits could be
+        return quantity * price
 
 
 def _period(seconds: float, what: str) -> float:
@@ -403,8 +408,22 @@ def parse_halt_scope(text: str) -> tuple[tuple[str, str], ...]:
         name = name.strip()
         if name in pairs:
             raise InvalidPolicy(f"trading scope {text!r} names {name!r} twice")
-        pairs[name] = unquote(value)
+        pairs[name] = _scope_value(name, unquote(value.strip()))
     return tuple(sorted(pairs.items()))
+
+
+def _scope_value(name: str, value: str) -> str:
+    """Spell a value as intents do, so ``side=buy`` matches BUY orders (a halt must never
+    silently match nothing); enum fields must name one of their values."""
+    from .intent import OrderType, Side, TimeInForce
+
+    enums: dict[str, type[StrEnum]] = {"side": Side, "order_type": OrderType, "time_in_force": TimeInForce}
+    if name in enums:
+        allowed = [member.value for member in enums[name]]
+        if value.upper() not in allowed:
+            raise InvalidPolicy(f"{name}={value!r} can never match: {name} is one of {', '.join(allowed)}")
+        return value.upper()
+    return value
 
 
 def canonical_halt_scope(text: str) -> str:

@@ -284,10 +284,12 @@ def _drift_found(
     log.error("DRIFT: %s. Orders placed outside orderguard, or a fill it never saw.", text)
     if notifier is not None:
         notifier.notify(AlertKind.DRIFT, scope, text)
-    if not halt or any(h.scope == scope for h in store.halts()):
+    if not halt or any(h.scope == scope and h.state is TradingState.HALTED for h in store.halts()):
         return
-    record = store.set_trading_state(scope, TradingState.HALTED, cause=HaltCause.DRIFT, reason=text, actor=actor)
-    if record is not None:
+    record = store.set_trading_state(
+        scope, TradingState.HALTED, cause=HaltCause.DRIFT, reason=text, actor=actor, keep_existing=True
+    )
+    if record is not None and record.cause is HaltCause.DRIFT and record.reason == text:
         report.halts.append(record)
         log.error("HALTED %s: %s. Check the venue, then `orderguard resume '%s' --reason ...`.", scope, text, scope)
         if notifier is not None:

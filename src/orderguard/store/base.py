@@ -462,16 +462,20 @@ class Store(ABC):
         """Run ``work(exec, store_now)`` in one transaction (``write``: a write transaction)."""
 
     def set_trading_state(
-        self, scope: str, state: TradingState, *, cause: HaltCause, reason: str, actor: str
+        self, scope: str, state: TradingState, *, cause: HaltCause, reason: str, actor: str,
+        keep_existing: bool = False,
     ) -> HaltRecord | None:
         """HALT, REDUCE or resume (ACTIVE) a trading scope; recorded with who and why.
-        Returns the scope's halt afterwards (None once ACTIVE)."""
+        Returns the scope's halt afterwards (None once ACTIVE). ``keep_existing``: a scope
+        already HALTED keeps its first cause (automatic halts)."""
         from . import control
 
         if not reason.strip():
             raise ValueError("a halt or resume needs a reason (it is what the next operator reads)")
         return self._control(  # type: ignore[no-any-return]
-            "halt", lambda x, now: control.set_state(x, scope, state, cause, reason.strip(), actor, now), write=True
+            "halt",
+            lambda x, now: control.set_state(x, scope, state, cause, reason.strip(), actor, now, keep_existing=keep_existing),
+            write=True,
         )
 
     def halts(self) -> list[HaltRecord]:

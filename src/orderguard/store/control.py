@@ -9,7 +9,7 @@ one scope or lease (transaction-scoped row locks only).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from decimal import Decimal
+from decimal import Context, Decimal, localcontext
 from typing import TYPE_CHECKING, Any
 
 from ..halts import HaltCause, HaltEvent, HaltRecord, TradingState, covering_halt, reduces_position
@@ -81,6 +81,7 @@ CREATE TABLE IF NOT EXISTS leases (
 """
 
 _HALT_COLS = "scope, state, cause, reason, actor, at"
+EXACT = Context(prec=80)  # notional sums: quantity and price limits fit many times over, never rounded
 _RUNNER_COLS = (
     "id, runner, strategy, host, pid, started, version, fingerprint, git_commit, modules, exclusive, "
     "heartbeat_every, registered_at, heartbeat_at, stopped_at"
@@ -210,9 +211,11 @@ def take_limit(
     fence = int(x(_LOCK_SCOPE, (rule.key, rule.kind.value))[0][0])
     since = now - rule.seconds
     x("DELETE FROM limit_events WHERE scope_key = ? AND at <= ?", (rule.key, since))
+    # Everything that reached (or may have reached) the venue counts, rejected and canceled
+    # orders too: only intents that never left (ABANDONED, NOT_FOUND) give their slot back.
     rows = x(
         "SELECT e.notional FROM limit_events e JOIN intents i ON i.id = e.intent_id "
-        "WHERE e.scope_key = ? AND e.at > ? AND i.released = 0",
+        "WHERE e.scope_key = ? AND e.at > ? AND i.state NOT IN ('ABANDONED', 'NOT_FOUND')",
         (rule.key, since),
     )
     notional = rule.notional or Decimal(0)
@@ -221,18 +224,18 @@ def take_limit(
             used = f"{len(rows)} orders in the last {rule.seconds:g}s (limit {rule.limit})"
             return None, _limit_refusal(BlockReason.RATE_LIMIT, intent, rule, used)
     else:
-        total = sum((Decimal(r[0]) for r in rows), Decimal(0))
-        assert rule.amount is not None
-        if total + notional > rule.amount:
+        with localcontext(EXACT):
+            total = sum((Decimal(r[0]) for r in rows), Decimal(0))
+            over = total + notional > (rule.amount or Decimal(0))
+        if over:
             used = (
                 f"{canonical_decimal(total)} placed in the last {rule.seconds:g}s + {canonical_decimal(notional)} "
                 f"would exceed {canonical_decimal(rule.amount)}"
             )
             return None, _limit_refusal(BlockReason.NOTIONAL_LIMIT, intent, rule, used)
-    x(
-        "INSERT INTO limit_events(scope_key, at, intent_id, notional) VALUES (?, ?, ?, ?)",
-        (rule.key, now, intent_id, canonical_decimal(notional)),
-    )
+    with localcontext(EXACT):
+        booked = canonical_decimal(notional)
+    x("INSERT INTO limit_events(scope_key, at, intent_id, notional) VALUES (?, ?, ?, ?)", (rule.key, now, intent_id, booked))
     return fence, None
 
 
@@ -302,20 +305,25 @@ def set_state(
     x: Exec, scope: str, state: TradingState, cause: HaltCause, reason: str, actor: str, now: float,
     *, keep_existing: bool = False,
 ) -> HaltRecord | None:
-    """Set a trading scope's state; ACTIVE removes its halt. Returns the scope's halt after it."""
+    """Set a trading scope's state; ACTIVE removes its halt. Returns the scope's halt after it.
+
+    ``keep_existing`` (automatic halts): a scope already HALTED keeps its first cause; a REDUCING
+    one is escalated to HALTED. One conditional upsert, so a halt committed concurrently is
+    never overwritten (PostgreSQL: the row lock orders the writers).
+    """
     scope = canonical_halt_scope(scope)
-    if keep_existing:
-        existing = x(f"SELECT {_HALT_COLS} FROM halts WHERE scope = ?", (scope,))
-        if existing:
-            return halt_from_row(existing[0])
     if state is TradingState.ACTIVE:
         x("DELETE FROM halts WHERE scope = ?", (scope,))
     else:
-        x(
+        condition = " WHERE halts.state <> 'HALTED'" if keep_existing else ""
+        written = x(
             f"INSERT INTO halts({_HALT_COLS}) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(scope) DO UPDATE SET "
-            "state = excluded.state, cause = excluded.cause, reason = excluded.reason, actor = excluded.actor, at = excluded.at",
+            "state = excluded.state, cause = excluded.cause, reason = excluded.reason, actor = excluded.actor, "
+            f"at = excluded.at{condition} RETURNING scope",
             (scope, state.value, cause.value, reason, actor, now),
         )
+        if not written:  # already HALTED: keep its cause, record nothing
+            return halt_from_row(x(f"SELECT {_HALT_COLS} FROM halts WHERE scope = ?", (scope,))[0])
     x(
         "INSERT INTO halt_events(at, scope, state, cause, reason, actor) VALUES (?, ?, ?, ?, ?, ?)",
         (now, scope, state.value, cause.value, reason, actor),
