@@ -293,8 +293,9 @@ class OneOpen(MaxOpen):
 class RateLimit(Policy):
     """Circuit breaker: at most ``n`` intents per scope in any ``per_seconds``.
 
-    Counted atomically with the claim; every claimed intent counts (in flight and UNKNOWN too)
-    unless it was released without executing (rejected, abandoned, not found). With
+    Counted atomically with the claim; every intent that reached (or may have reached) the venue
+    counts: in flight, UNKNOWN, filled, rejected, canceled. Only ABANDONED and NOT_FOUND intents
+    (nothing left) give their slot back. With
     ``trip=True`` the first refusal also halts the scope (``HALTED``) until an operator runs
     ``orderguard resume``.
     """
