@@ -9,6 +9,7 @@ leader lease so only one runner of a strategy claims at a time.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import subprocess
 import sys
@@ -147,7 +148,15 @@ def code_files(code: Iterable[ModuleType | str | os.PathLike[str]]) -> list[Path
 
 
 def fingerprint(files: Sequence[Path]) -> str:
-    """sha256 over the files' names and bytes (16 hex); "none" when there is no code to read."""
+    """sha256 over the files' names and bytes (16 hex); "none" when there is no code to read.
+
+    Computed once per process and file set: the code a process runs is the code it loaded, even
+    if a deploy replaces the files under it (which is exactly what the registry must show)."""
+    return _fingerprint(tuple(files))
+
+
+@functools.cache
+def _fingerprint(files: tuple[Path, ...]) -> str:
     if not files:
         return "none"
     digest = hashlib.sha256()
@@ -157,12 +166,18 @@ def fingerprint(files: Sequence[Path]) -> str:
 
 
 def git_commit(files: Sequence[Path]) -> str | None:
-    """The commit checked out where the first code file lives (None outside git)."""
+    """The commit checked out where the first code file lives (None outside git); once per
+    process and folder, like :func:`fingerprint`."""
     if not files:
         return None
+    return _git_commit(files[0].parent)
+
+
+@functools.cache
+def _git_commit(folder: Path) -> str | None:
     try:
         out = subprocess.run(
-            ["git", "-C", str(files[0].parent), "rev-parse", "HEAD"],
+            ["git", "-C", str(folder), "rev-parse", "HEAD"],
             capture_output=True, text=True, timeout=5, check=False,
         )
     except (OSError, subprocess.SubprocessError):
