@@ -145,38 +145,18 @@ class Guard:
             atexit.register(self._stop_registration)  # a script that never closes still stops cleanly
 
     @classmethod
-    def open(
-        cls,
-        url: str | None = None,
-        *,
-        policy: PolicyArg | None = None,
-        runner: str | None = None,
-        send_deadline: float = 10.0,
-        stale_after: float = 20.0,
-        strategy: str | None = None,
-        code: Sequence[ModuleType | str | os.PathLike[str]] = (),
-        exclusive: str | None = None,
-        lease_seconds: float = 15.0,
-        heartbeat_every: float = 5.0,
-        alerts: Notifier | Sequence[Sink | str] | None = None,
-        halt_after_unknown: int | None = 3,
-        halt_on_ledger_failure: bool = True,
-        register: bool = True,
-        **store_options: Any,
-    ) -> Guard:
+    def open(cls, url: str | None = None, **options: Any) -> Guard:
         """Open a guard on a ledger URL (default ``sqlite:///orderguard.db``).
 
-        ``store_options`` go to the store (SQLite: ``synchronous``, ``busy_timeout``, ``clock``).
-        The other options are :class:`Guard`'s.
+        ``options`` are :class:`Guard`'s (``policy``, ``runner``, ``exclusive``, ``alerts``, ...);
+        the rest go to the store (SQLite: ``synchronous``, ``busy_timeout``, ``clock``;
+        PostgreSQL: ``schema``, timeouts, pool sizes).
         """
-        store = open_store(url or DEFAULT_STORE_URL, **store_options)
+        mine = inspect.signature(cls.__init__).parameters
+        guard_options = {k: v for k, v in options.items() if k in mine and k != "store"}
+        store = open_store(url or DEFAULT_STORE_URL, **{k: v for k, v in options.items() if k not in guard_options})
         try:
-            return cls(
-                store, policy=policy, runner=runner, send_deadline=send_deadline, stale_after=stale_after,
-                strategy=strategy, code=code, exclusive=exclusive, lease_seconds=lease_seconds,
-                heartbeat_every=heartbeat_every, alerts=alerts, halt_after_unknown=halt_after_unknown,
-                halt_on_ledger_failure=halt_on_ledger_failure, register=register,
-            )
+            return cls(store, **guard_options)
         except BaseException:
             store.close()
             raise

@@ -17,14 +17,16 @@ from ..intent import canonical_decimal
 from ..messages import block_message, clock_text
 from ..policies import ScopeKind, canonical_halt_scope
 from ..runners import Lease, LeaseRequest, RunnerRecord
-from .base import BlockReason, explain_block, unknown_from_earlier_window
+from .base import BlockReason, ClaimDecision, explain_block, unknown_from_earlier_window
+from .rows import attempt_row
+from .schema_sqlite import ATTEMPT_COLUMNS
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
     from ..intent import OrderIntent
     from ..policies import ScopeRule
-    from .base import IntentRecord
+    from .base import Caller, IntentRecord
 
     Exec = Callable[[str, Sequence[Any]], list[Any]]
 
@@ -80,6 +82,8 @@ CREATE TABLE IF NOT EXISTS leases (
 );
 """
 
+_ATTEMPT_COLS = ATTEMPT_COLUMNS.removeprefix("id, ")
+INSERT_ATTEMPT = f"INSERT INTO attempts({_ATTEMPT_COLS}) VALUES ({', '.join('?' * len(_ATTEMPT_COLS.split(',')))}) RETURNING id"
 _HALT_COLS = "scope, state, cause, reason, actor, at"
 EXACT = Context(prec=80)  # notional sums: quantity and price limits fit many times over, never rounded
 _RUNNER_COLS = (
@@ -287,6 +291,32 @@ def carried_over(rules: Sequence[ScopeRule], intent: OrderIntent, unknown: Seque
     rule, holder = found
     message = block_message(BlockReason.UNKNOWN_PENDING, intent, rule, holder)
     return Refusal(BlockReason.UNKNOWN_PENDING, message, rule.key, holder=holder, rule=rule)
+
+
+def refuse(
+    x: Exec, refusal: Refusal, rules: tuple[ScopeRule, ...], intent: OrderIntent, caller: Caller, now: float
+) -> ClaimDecision:
+    """Record a refused claim (in its transaction): trip the breaker if the refusal asks for it,
+    write the blocked attempt with its reason and holder, and say what was decided."""
+    if refusal.tripped and refusal.rule is not None:
+        refusal = trip(x, refusal, refusal.rule, caller.who(), now)
+    holder = refusal.holder
+    row = attempt_row(
+        now, "BLOCKED", refusal.reason, None, holder.id if holder else None, refusal.scope_key, caller, intent,
+        refusal.message,
+    )
+    attempt_id = int(x(INSERT_ATTEMPT, row)[0][0])
+    return ClaimDecision(
+        claimed=False, attempt_id=attempt_id, reason=refusal.reason, holder=holder, rule=refusal.rule,
+        message=refusal.message, rules=rules, halt=refusal.halt, tripped=refusal.tripped,
+    )
+
+
+def lease_cut(lease: Lease | None, send_by_at: float | None) -> float | None:
+    """A claim under a leader lease is never sent after the lease lapses (a standby may lead then)."""
+    if lease is None or send_by_at is None:
+        return send_by_at
+    return min(send_by_at, lease.expires_at)
 
 
 def trip(x: Exec, refusal: Refusal, rule: ScopeRule, actor: str, now: float) -> Refusal:

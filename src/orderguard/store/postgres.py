@@ -395,9 +395,7 @@ class PostgresStore(Store):
             send_by_at = None if send_deadline is None else now + send_deadline
             params = intent_row(intent, intent_id, keys, state, caller, now, send_by_at)
             refusal, lease = control.gate(x, intent, exclusive, now)
-            if lease is not None and send_by_at is not None:
-                send_by_at = min(send_by_at, lease.expires_at)  # never sent after the lease lapses
-                params[SEND_BY_SLOT] = send_by_at
+            send_by_at = params[SEND_BY_SLOT] = control.lease_cut(lease, send_by_at)
             if refusal is None:
                 refusal = self._unknown_carried_over(conn, rules, intent)
             fence = 0
@@ -420,21 +418,10 @@ class PostgresStore(Store):
                     except _Undo:
                         pass
             if refusal is not None:
-                if refusal.tripped and refusal.rule is not None:
-                    refusal = control.trip(x, refusal, refusal.rule, caller.who(), now)
-                holder = refusal.holder
-                row = attempt_row(
-                    now, "BLOCKED", refusal.reason, None, holder.id if holder else None, refusal.scope_key,
-                    caller, intent, refusal.message,
-                )
-                attempt_id = int(_scalar(conn, _INSERT_ATTEMPT, row))
-                if refusal.tripped:
-                    conn.execute("SELECT pg_notify(%s, %s)", (self.channel, json.dumps({"halt": refusal.halt.scope if refusal.halt else None})))
-                return ClaimDecision(
-                    claimed=False, attempt_id=attempt_id, reason=refusal.reason, holder=holder,
-                    rule=refusal.rule, message=refusal.message, rules=rules, halt=refusal.halt,
-                    tripped=refusal.tripped,
-                )
+                decision = control.refuse(x, refusal, rules, intent, caller, now)
+                if decision.tripped:  # dashboards on every host hear the halt
+                    conn.execute("SELECT pg_notify(%s, %s)", (self.channel, json.dumps({"halt": "changed"})))
+                return decision
             coid = f"{client_order_id_head(self.namespace, keys[0])}-{fence_text(fence)}"
             row = attempt_row(now, "CLAIMED", None, intent_id, None, keys[0], caller, intent, "")
             attempt_id = int(_scalar(conn, _INSERT_ATTEMPT, row))

@@ -112,7 +112,6 @@ RETURNING fence
 _HOLDER = f"SELECT {', '.join('i.' + c.strip() for c in INTENT_COLUMNS.split(','))} FROM scopes s JOIN intents i ON i.id = s.holder WHERE s.key = ?"
 _OPEN_HOLDERS = f"SELECT {', '.join('i.' + c.strip() for c in INTENT_COLUMNS.split(','))} FROM holds h JOIN intents i ON i.id = h.intent_id WHERE h.scope_key = ?"
 _INSERT_INTENT = f"INSERT INTO intents({INTENT_COLUMNS}) VALUES ({', '.join('?' * len(INTENT_COLUMNS.split(',')))})"
-_INSERT_ATTEMPT = f"INSERT INTO attempts({ATTEMPT_COLUMNS.removeprefix('id, ')}) VALUES ({', '.join('?' * (len(ATTEMPT_COLUMNS.split(',')) - 1))}) RETURNING id"
 
 
 def path_from_url(url: str) -> str:
@@ -291,9 +290,7 @@ class SQLiteStore(Store):
         with self._db.write("claim") as conn:
             x = _executor(conn)
             refusal, lease = control.gate(x, intent, exclusive, now)
-            if lease is not None and send_by_at is not None:
-                send_by_at = min(send_by_at, lease.expires_at)  # never sent after the lease lapses
-                params[SEND_BY_SLOT] = send_by_at
+            send_by_at = params[SEND_BY_SLOT] = control.lease_cut(lease, send_by_at)
             if refusal is None:
                 refusal = self._unknown_carried_over(conn, rules, intent)
             fence = 0
@@ -307,22 +304,10 @@ class SQLiteStore(Store):
                     conn.execute("ROLLBACK")
                     conn.execute("BEGIN IMMEDIATE")
             if refusal is not None:
-                if refusal.tripped and refusal.rule is not None:
-                    refusal = control.trip(x, refusal, refusal.rule, caller.who(), now)
-                holder = refusal.holder
-                row = attempt_row(
-                    now, "BLOCKED", refusal.reason, None, holder.id if holder else None, refusal.scope_key,
-                    caller, intent, refusal.message,
-                )
-                attempt_id = conn.execute(_INSERT_ATTEMPT, row).fetchone()[0]
-                return ClaimDecision(
-                    claimed=False, attempt_id=attempt_id, reason=refusal.reason, holder=holder,
-                    rule=refusal.rule, message=refusal.message, rules=rules, halt=refusal.halt,
-                    tripped=refusal.tripped,
-                )
+                return control.refuse(x, refusal, rules, intent, caller, now)
             coid = f"{head}-{fence_text(fence)}"
             row = attempt_row(now, "CLAIMED", None, intent_id, None, keys[0], caller, intent, "")
-            attempt_id = conn.execute(_INSERT_ATTEMPT, row).fetchone()[0]
+            attempt_id = conn.execute(control.INSERT_ATTEMPT, row).fetchone()[0]
             params[1], params[2], params[ATTEMPT_SLOT] = coid, fence, attempt_id
             conn.execute(_INSERT_INTENT, params)
         record = new_intent_record(intent, intent_id, coid, fence, keys, state, caller, now, attempt_id, send_by_at)
