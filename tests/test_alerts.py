@@ -446,7 +446,7 @@ def test_mixed_code_versions_of_one_strategy_alert_once(kit: Kit) -> None:
     assert alert.details == {"runner": old.runner_id}
     assert old.registration is not None and new.registration is not None
     assert old.registration.fingerprint in alert.message and new.registration.fingerprint in alert.message
-    assert "An old runner survived a deploy" in alert.message
+    assert "an old runner survived the deploy" in alert.message
 
     assert new._heartbeat is not None
     new._heartbeat.check_peers()  # a later beat sees the same old runner: flagged once only

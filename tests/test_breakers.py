@@ -39,6 +39,7 @@ from orderguard import (
     OncePer,
     Outcome,
     RateLimit,
+    SendDeadlineExceeded,
     State,
     TradingState,
 )
@@ -892,3 +893,85 @@ def test_postgres_a_trip_racing_another_halt_keeps_the_first_cause(pg_ledger: Le
     (record,) = store.halts()
     assert (record.cause, record.actor, record.reason) == (HaltCause.OPERATOR, "operator alice", "desk stop")
     assert [e.cause for e in store.halt_history()] == [HaltCause.OPERATOR]
+
+
+# ------------------------------------------------------ review fixes: trips, leases, races
+
+
+def test_a_tripping_limit_refuses_an_intent_without_its_scope_field_and_writes_nothing(guard: Guard) -> None:
+    policy = [OncePer(Ever(), by=("strategy", "symbol")), RateLimit(1, 60, by=("strategy", "tags.signal"), trip=True)]
+    before = guard.attempts()
+    with pytest.raises(InvalidIntent) as caught:
+        guard._claim(fresh(), policy, State.SENDING, None)
+    assert caught.value.field == "tags.signal" and "nothing was sent" in str(caught.value)
+    assert guard.attempts() == before and guard.intents() == [] and guard.halts() == []
+
+
+def test_a_decorated_function_does_not_start_after_its_leader_lease_lapsed(ledger_url: str) -> None:
+    calls: list[str] = []
+    with Guard.open(ledger_url, exclusive="deco", lease_seconds=0.3, heartbeat_every=60) as leader:
+
+        @leader.once(intent=fresh(symbol="DECO"), policy=OncePer(Ever()))
+        def entry() -> str:
+            calls.append("ran")
+            return "sent"
+
+        # Claimed under the lease; then the process is "frozen" past the lease before the body runs.
+        with leader._held_claim(fresh(symbol="LATE"), OncePer(Ever()), None, opaque=True) as claim:
+            assert claim.intent.send_by_at is not None  # the opaque claim carries the lease expiry
+            time.sleep(0.4)
+            with pytest.raises(SendDeadlineExceeded, match="leader lease lapsed"):
+                claim.start_opaque()
+            claim.not_sent("lease lapsed")
+        assert leader.intent(claim.intent.id).state is State.ABANDONED
+        assert entry() == "sent" and calls == ["ran"]  # a fresh call takes the lease again and runs
+
+
+def test_postgres_claim_queued_behind_a_trip_sees_the_halt(tmp_path: Any) -> None:
+    """A claim that waits on a limit's row while another transaction trips that limit must see the
+    halt once it gets the row (the trip committed first), not claim past it."""
+    import psycopg
+
+    from orderguard.store.postgres import PostgresStore
+
+    url = postgres_or_skip()
+    schema = f"og_race_{uuid.uuid4().hex[:10]}"
+    store = PostgresStore(url, schema=schema)
+    try:
+        limit = RateLimit(5, 60, by=("strategy",), trip=True)
+        key = limit.rule(fresh(), datetime.now(tz=UTC)).key
+        assert store.claim(fresh(symbol="FIRST"), [limit], race_caller()).claimed  # creates the scope row
+        tripper = psycopg.connect(url, autocommit=False, options=f"-c search_path={schema}")
+        tripper.execute("SELECT fence FROM scopes WHERE key = %s FOR UPDATE", (key,))
+        tripper.execute(
+            "INSERT INTO halts(scope, state, cause, reason, actor, at) VALUES ('strategy=spx-calendar', 'HALTED', "
+            "'RATE_LIMIT', 'tripped by another claim', 'runner other', extract(epoch FROM now()))"
+        )
+        result: dict[str, Any] = {}
+        waiter = threading.Thread(target=lambda: result.update(d=store.claim(fresh(symbol="QUEUED"), [limit], race_caller())))
+        waiter.start()
+        admin = psycopg.connect(url, autocommit=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # until the claim waits on the tripper's row lock
+            waiting = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'orderguard' AND wait_event_type = 'Lock'"
+            ).fetchone()
+            if waiting and waiting[0]:
+                break
+            time.sleep(0.02)
+        tripper.commit()
+        waiter.join(timeout=20)
+        decision = result["d"]
+        assert not decision.claimed and decision.reason is BlockReason.HALTED, decision.message
+        assert [i.symbol for i in store.intents()] == ["FIRST"]
+        tripper.close()
+        admin.close()
+    finally:
+        store.close()
+        drop_schema(url, schema)
+
+
+def race_caller() -> Any:
+    from orderguard.store.base import Caller
+
+    return Caller.current("race")

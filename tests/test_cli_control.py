@@ -215,15 +215,41 @@ def test_a_schema_1_ledger_is_refused_untouched_until_migrate_upgrades_it(store:
     assert cli_json("status", "--store", store)["halts"] == []
 
 
-def test_opening_a_guard_upgrades_a_schema_1_ledger_in_place(store: Path, tmp_path: Path) -> None:
+def test_a_live_old_runner_blocks_the_upgrade_until_stopped_or_forced(store: Path, tmp_path: Path) -> None:
     broker = PaperBroker.open(f"sqlite:///{tmp_path / 'paper.db'}")
     with Guard.open(f"sqlite:///{store}") as guard:
         first = guard.submit(make_intent(), broker, policy=POLICY)
     _make_v1(store)
-    with Guard.open(f"sqlite:///{store}") as guard:  # create=True (the default) upgrades
+    # Opening a guard never upgrades by itself: a runner of the old schema could still be claiming.
+    with pytest.raises(SchemaMismatch, match="orderguard migrate"):
+        Guard.open(f"sqlite:///{store}")
+    # This process claimed through the ledger and still runs: migrate refuses and names it.
+    with Unchanged(store):
+        code, out, err = cli("migrate", "--store", store)
+    assert code == EXIT_STORE and out == ""
+    assert_one_line_error(err, f"pid {os.getpid()}", "ignores halts", "--force")
+    code, out, err = cli("migrate", "--force", "--store", store)
+    assert code == 0 and "upgraded ledger" in out, err
+    with Guard.open(f"sqlite:///{store}") as guard:
         again = guard.submit(make_intent(), broker, policy=POLICY)
         assert again.reason is BlockReason.DUPLICATE and again.holder is not None
         assert first.intent is not None and again.holder.id == first.intent.id  # history kept
+    broker.close()
+
+
+def test_a_runner_whose_ledger_is_migrated_under_it_stops_claiming(store: Path, tmp_path: Path) -> None:
+    broker = PaperBroker.open(f"sqlite:///{tmp_path / 'paper.db'}")
+    with Guard.open(f"sqlite:///{store}", heartbeat_every=0.05) as guard:
+        assert guard.submit(make_intent(symbol="A"), broker, policy=POLICY).outcome is Outcome.SENT
+        with sqlite3.connect(store) as conn:  # a newer orderguard migrated the ledger to schema 3
+            conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+        conn.close()
+        deadline = time.monotonic() + 10
+        while guard._schema_moved is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with pytest.raises(SchemaMismatch, match="migrated to schema version 3"):
+            guard.submit(make_intent(symbol="B"), broker, policy=POLICY)
+    assert [o.symbol for o in broker.orders()] == ["A"]
     broker.close()
 
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import threading
 import time
 import urllib.request
+import weakref
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
@@ -154,6 +156,17 @@ def sink_from_url(url: str) -> Sink:
     return AppriseSink([url])
 
 
+_NOTIFIERS: weakref.WeakSet[Notifier] = weakref.WeakSet()
+
+
+def _restart_in_child() -> None:
+    for notifier in list(_NOTIFIERS):
+        notifier._after_fork()
+
+
+os.register_at_fork(after_in_child=_restart_in_child)
+
+
 @dataclass
 class _Window:
     until: float
@@ -176,17 +189,28 @@ class Notifier:
         self.sent = 0
         self.failures = 0
         self.dropped = 0
-        self._queue: queue.Queue[Alert | None] = queue.Queue(maxsize=queue_size)
+        self._queue_size = queue_size
+        self._closed = False
+        self._start()
+        _NOTIFIERS.add(self)
+
+    def _start(self) -> None:
+        """(Re)build the locks, queue and threads: at creation, and in a forked child, which
+        inherits none of the parent's threads and may inherit a lock mid-use."""
+        self._queue: queue.Queue[Alert | None] = queue.Queue(maxsize=self._queue_size)
         self._windows: dict[tuple[AlertKind, str], _Window] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._closed = False
         self._idle = threading.Condition()
         self._busy = 0
         self._sender = threading.Thread(target=self._send_loop, name="orderguard-alerts", daemon=True)
         self._ticker = threading.Thread(target=self._tick_loop, name="orderguard-alert-windows", daemon=True)
         self._sender.start()
         self._ticker.start()
+
+    def _after_fork(self) -> None:
+        if not self._closed:
+            self._start()
 
     @classmethod
     def from_urls(cls, urls: Sequence[str], *, interval: float = 60.0) -> Notifier:

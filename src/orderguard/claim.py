@@ -171,6 +171,17 @@ class Claim:
         self.send_started = True
         return record
 
+    def start_opaque(self) -> None:
+        """An opaque body (a decorated function) is about to run: it may send at any moment, so
+        the send starts now. Under a leader lease, a claim whose lease lapsed (a standby may lead)
+        does not start: SendDeadlineExceeded, nothing sent."""
+        record = self._held()
+        if record.send_by_at is not None and self._past_recorded_deadline(record):
+            raise SendDeadlineExceeded(
+                f"claim {record.client_order_id}: its leader lease lapsed before the function started; nothing was sent"
+            )
+        self.send_started = True
+
     def _past_recorded_deadline(self, record: IntentRecord) -> bool:
         """The deadline in the ledger, on the store's clock (immune to a suspended host's
         monotonic clock). An unreachable store cannot say, so the claim is not sent."""

@@ -337,9 +337,10 @@ def _set_state(
     store: str | None, busy_timeout: float | None,
 ) -> None:
     from .cli_control import operator_name
+    from .cli_render import when
     from .errors import InvalidPolicy
     from .halts import HaltCause, TradingState
-    from .policies import canonical_halt_scope
+    from .policies import canonical_halt_scope, parse_halt_scope
 
     with reported():
         if not reason.strip():
@@ -359,12 +360,21 @@ def _set_state(
         record = ledger.set_trading_state(
             canonical, TradingState(state), cause=HaltCause.OPERATOR, reason=reason, actor=actor
         )
+        mine = set(parse_halt_scope(canonical))
+        still = [h for h in ledger.halts() if h.scope != canonical and set(parse_halt_scope(h.scope)) <= mine]
     if as_json:
-        _emit_json({"ledger": choice.where, "scope": canonical, "state": state, "before": before, "halt": record})
-    elif record is None:
-        typer.echo(f"{canonical} is ACTIVE again (was {before.state.value if before else 'ACTIVE'}: {before.reason if before else '-'})")
+        _emit_json({
+            "ledger": choice.where, "scope": canonical, "state": state, "before": before, "halt": record,
+            "still_covered_by": still,
+        })
+        return
+    was = f" (was {before.state.value} since {when(before.at)}, {before.cause.value} by {before.actor}: {before.reason})" if before else ""
+    if record is None:
+        typer.echo(f"{canonical} is ACTIVE again{was}")
     else:
-        typer.echo(f"{canonical} is {state} for every runner at its next claim ({actor}: {reason.strip()})")
+        typer.echo(f"{canonical} is {state} for every runner at its next claim ({actor}: {reason.strip()}){was}")
+    for h in still:
+        typer.echo(f"note: {canonical} is still covered by {h.scope}, {h.state.value} ({h.cause.value} by {h.actor}: {h.reason})")
 
 
 @app.command()
@@ -398,11 +408,16 @@ def runners(
 @app.command()
 def migrate(
     ctx: typer.Context,
+    force: Annotated[bool, typer.Option("--force", help="Upgrade even if processes that used the old schema still run on this host.")] = False,
     as_json: JsonOpt = False,
     store: StoreOpt = None,
     busy_timeout: BusyOpt = None,
 ) -> None:
-    """Create the ledger's schema if missing, upgrade an older one, report its version. Safe to run twice."""
+    """Create the ledger's schema if missing, upgrade an older one, report its version. Safe to run twice.
+
+    Upgrading from schema 1 is refused while a process on this host that claimed through the
+    ledger this week still runs (its orderguard would ignore halts): stop it, or --force.
+    """
     choice = _choice(ctx, store, busy_timeout)
     with reported(choice.origin):
         # An existing file is only opened, never written into: a file that is not a ledger is refused.
@@ -411,10 +426,10 @@ def migrate(
         if created and folder and not os.path.isdir(folder):
             raise CliFailure(EXIT_USAGE, f"cannot create ledger {choice.where}: folder {folder} does not exist (nothing was created)")
         if choice.path is None:  # a server store: creating only what is missing is idempotent
-            ledger = open_ledger(choice, create=True)
+            ledger = open_ledger(choice, create=True, upgrade=True, force=force)
             created = bool(getattr(ledger, "created", False))
         else:
-            ledger = open_ledger(choice, create=created, upgrade=True)
+            ledger = open_ledger(choice, create=created, upgrade=True, force=force)
         upgraded_from = getattr(ledger, "upgraded_from", None)
         ledger.close()
     if as_json:

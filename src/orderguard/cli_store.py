@@ -58,7 +58,7 @@ def choose_store(command_store: str | None, global_store: str | None, busy_timeo
     return StoreChoice(os.path.abspath(DEFAULT_STORE), "the default ./orderguard.db", busy_timeout)
 
 
-def open_ledger(choice: StoreChoice, *, create: bool = False, upgrade: bool = False) -> Store:
+def open_ledger(choice: StoreChoice, *, create: bool = False, upgrade: bool = False, force: bool = False) -> Store:
     """Open the chosen ledger. With ``create=False`` a missing ledger is an error, never created."""
     path = choice.path
     if path is not None and not create and not os.path.exists(path):
@@ -67,7 +67,9 @@ def open_ledger(choice: StoreChoice, *, create: bool = False, upgrade: bool = Fa
             f"no orderguard ledger at {path} (chosen by {choice.origin}); nothing was created. Point --store "
             f"or {ENV_VAR} at the ledger your bots use, or run 'orderguard migrate' to create a new one.",
         )
-    return open_store(choice.url, create=create, upgrade=upgrade, busy_timeout=choice.busy_timeout)
+    return open_store(
+        choice.url, create=create, upgrade=upgrade, force_upgrade=force, busy_timeout=choice.busy_timeout
+    )
 
 
 def ledger_exists(choice: StoreChoice) -> bool:

@@ -12,6 +12,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -27,6 +28,7 @@ from .errors import (
     InvalidTransition,
     OrderGuardError,
     OrderRejected,
+    SchemaMismatch,
     SendDeadlineExceeded,
     StoreError,
 )
@@ -44,7 +46,7 @@ from .runners import (
 )
 from .states import TERMINAL, State
 from .store import open_store
-from .store.base import BlockReason, Caller, TransitionFields, this_host
+from .store.base import SCHEMA_VERSION, BlockReason, Caller, TransitionFields, owner_alive, this_host
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -119,6 +121,8 @@ class Guard:
         # Halts this guard could not record (the ledger failed): recorded before its next claim.
         self._pending_halts: list[tuple[str, HaltCause, str]] = []
         self._pending_lock = threading.Lock()
+        self._schema_moved: int | None = None  # set by the heartbeat when the ledger's schema changes
+        _GUARDS.add(self)
         self.runner_id = new_runner_id()
         # A lease must be renewed well before it lapses: at least three beats per lease.
         every = min(float(heartbeat_every), float(lease_seconds) / 3) if exclusive else float(heartbeat_every)
@@ -203,6 +207,11 @@ class Guard:
         if policies is None:
             policies = as_policies(None)  # raises the explanatory InvalidPolicy
         caller = Caller.current(self.runner, task)
+        if self._schema_moved is not None:
+            raise SchemaMismatch(
+                f"the ledger was migrated to schema version {self._schema_moved} while this runner ran (it knows "
+                f"{SCHEMA_VERSION}); nothing was sent. Restart it with the orderguard the ledger now needs."
+            )
         if self._pending_halts:
             self._record_pending_halts()
         started = time.monotonic()
@@ -272,22 +281,31 @@ class Guard:
             )
         if self.halt_after_unknown is None:
             return
-        unknown = self.store.intents(states=[State.UNKNOWN], strategy=record.strategy, limit=self.halt_after_unknown)
-        if len(unknown) >= self.halt_after_unknown:
-            self.halt(
-                scope_text(strategy=record.strategy),
-                reason=(
-                    f"{len(unknown)} orders of strategy {record.strategy} have unknown outcomes (latest "
-                    f"{record.client_order_id}: {detail}); the venue or the network is failing"
-                ),
-                cause=HaltCause.UNKNOWN_OUTCOMES, keep_existing=True,
+        scope = scope_text(strategy=record.strategy)
+        try:
+            unknown = self.store.intents(states=[State.UNKNOWN], strategy=record.strategy, limit=self.halt_after_unknown)
+            if len(unknown) < self.halt_after_unknown:
+                return
+            why = (
+                f"{len(unknown)} orders of strategy {record.strategy} have unknown outcomes (latest "
+                f"{record.client_order_id}: {detail}); the venue or the network is failing"
+            )
+            self.halt(scope, reason=why, cause=HaltCause.UNKNOWN_OUTCOMES, keep_existing=True)
+        except StoreError as exc:  # cannot count or record: halt when the ledger is back (fail closed)
+            self._halt_later(
+                record.strategy, HaltCause.UNKNOWN_OUTCOMES,
+                f"{record.client_order_id} ended UNKNOWN ({detail}) and the ledger failed while counting "
+                f"this strategy's UNKNOWN orders ({exc})",
             )
 
     def _halt_later(self, strategy: str, cause: HaltCause, reason: str) -> None:
         scope = scope_text(strategy=strategy)
         with self._pending_lock:
             self._pending_halts.append((scope, cause, reason))
-        log.error("HALTING %s (%s): %s", scope, cause.value, reason)
+        log.error(
+            "HALTING %s (%s): %s. Recorded in the ledger now, or if it cannot take writes, before this "
+            "runner's next claim (until then only this runner is stopped).", scope, cause.value, reason,
+        )
         if self.alerts is not None:
             self.alerts.notify(AlertKind.HALTED, scope, f"HALTING {scope} ({cause.value}): {reason}")
         with contextlib.suppress(StoreError):
@@ -556,7 +574,7 @@ class Guard:
                 with self._held_claim(make_intent(args, kwargs), policy, _task_name(), opaque=True) as claim:
                     if not claim:
                         return _blocked_result(claim)
-                    claim.send_started = True  # opaque function: assume it may send
+                    claim.start_opaque()  # from here the function may send at any moment
                     token = _current.set(claim)
                     try:
                         value = fn(*args, **kwargs)
@@ -637,7 +655,7 @@ def _blocked_result(claim: Claim) -> SubmitResult:
 
 
 async def _run_claimed(claim: Claim, call: Callable[[], Awaitable[Any]]) -> Any:
-    claim.send_started = True  # opaque function: assume it may send
+    await asyncio.to_thread(claim.start_opaque)  # from here the function may send at any moment
     token = _current.set(claim)
     try:
         value = await call()
@@ -653,6 +671,18 @@ def _report_done(claim: Claim) -> None:
         return
     with contextlib.suppress(FencedOut):  # the reconciler or an operator settled it meanwhile
         claim.acked()
+
+
+_GUARDS: weakref.WeakSet[Guard] = weakref.WeakSet()
+
+
+def _reset_locks_in_child() -> None:
+    # A fork may copy a lock held by another thread of the parent: the child must not inherit it.
+    for guard in list(_GUARDS):
+        guard._pending_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_locks_in_child)
 
 
 def _version() -> str:
@@ -689,7 +719,14 @@ class _Heartbeat(threading.Thread):
         guard = self.guard
         if guard._pending_halts:
             guard._record_pending_halts()
-        known, lease = guard.store.heartbeat(guard.runner_id, guard._lease)
+        known, lease, version = guard.store.heartbeat(guard.runner_id, guard._lease)
+        if version != SCHEMA_VERSION and guard._schema_moved is None:
+            guard._schema_moved = version
+            log.error(
+                "runner %s: the ledger was migrated to schema version %s under it (this orderguard knows %s); "
+                "it claims nothing more. Restart it with the orderguard the ledger now needs.",
+                guard.runner, version, SCHEMA_VERSION,
+            )
         if not known and guard.registration is not None:  # stopped or removed by someone: register again
             guard.registration = guard.store.register_runner(guard.registration)
         if guard._lease is not None:
@@ -721,3 +758,8 @@ class _Heartbeat(threading.Thread):
             if guard.alerts is not None:
                 kind = AlertKind.STALE_RUNNER if flag.kind == "STALE" else AlertKind.MIXED_VERSIONS
                 guard.alerts.notify(kind, f"strategy={guard.strategy}", flag.message, runner=flag.runner.id)
+            r = flag.runner
+            if flag.kind == "STALE" and owner_alive(r.host, r.pid, r.started) is False:
+                # Its process is gone from this host: it will never heartbeat or send again.
+                guard.store.stop_runner(r.id)
+                log.warning("runner %s (pid %s) is gone from this host: marked stopped", r.runner, r.pid)

@@ -312,7 +312,7 @@ class RateLimit(Policy):
         key = scope_key(ScopeKind.RATE, self.by, intent, f"{self.per_seconds:g}s")
         return ScopeRule(
             ScopeKind.RATE, key, repr(self), limit=self.n, seconds=self.per_seconds,
-            trip=self.trip, halt_scope=halt_scope_of(self.by, intent),
+            trip=self.trip, halt_scope=halt_scope_of(self.by, intent, self if self.trip else None),
         )
 
     def __repr__(self) -> str:
@@ -354,7 +354,8 @@ class NotionalLimit(Policy):
         key = scope_key(ScopeKind.NOTIONAL, self.by, intent, f"{self.per_seconds:g}s")
         return ScopeRule(
             ScopeKind.NOTIONAL, key, repr(self), seconds=self.per_seconds, amount=self.amount,
-            notional=_exact_product(intent.quantity, price), trip=self.trip, halt_scope=halt_scope_of(self.by, intent),
+            notional=_exact_product(intent.quantity, price), trip=self.trip,
+            halt_scope=halt_scope_of(self.by, intent, self if self.trip else None),
         )
 
     def __repr__(self) -> str:
@@ -380,8 +381,17 @@ def _period(seconds: float, what: str) -> float:
 GLOBAL_SCOPE = "global"
 
 
-def halt_scope_of(by: Sequence[str], intent: OrderIntent) -> str:
-    """The trading scope of ``intent`` over the fields ``by``: ``strategy=x,symbol=SPX``."""
+def halt_scope_of(by: Sequence[str], intent: OrderIntent, policy: object = None) -> str:
+    """The trading scope of ``intent`` over the fields ``by``: ``strategy=x,symbol=SPX``.
+
+    With ``policy`` (a tripping limit), an empty field is refused: a halt must name what it stops.
+    """
+    if policy is not None:
+        for name in by:
+            if not intent.field_value(name):
+                raise InvalidIntent(
+                    name, f"{policy!r} trips a halt of its by= scope, and this intent has no {name}; nothing was sent"
+                )
     return ",".join(f"{name}={_escape(intent.field_value(name))}" for name in sorted(by))
 
 

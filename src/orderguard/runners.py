@@ -112,11 +112,18 @@ def runner_flags(runners: Sequence[RunnerRecord], now: float) -> list[RunnerFlag
                     flags.append(RunnerFlag(
                         "MIXED_VERSIONS", r,
                         f"strategy {strategy} runs different code in {len(live)} live runners: {r.who()} has "
-                        f"code {r.fingerprint}{_commit(r)} while the newest, {newest.who()}, has "
-                        f"{newest.fingerprint}{_commit(newest)}. An old runner survived a deploy: stop pid "
-                        f"{r.pid} on {r.host}.",
+                        f"code {r.fingerprint}{_commit(r)} (registered {_when(r.registered_at)}) while the newest, "
+                        f"{newest.who()}, has {newest.fingerprint}{_commit(newest)} (registered "
+                        f"{_when(newest.registered_at)}). If the newest runs the release you deployed, an old runner "
+                        f"survived the deploy: stop pid {r.pid} on {r.host}.",
                     ))
     return flags
+
+
+def _when(epoch: float) -> str:
+    from .messages import clock_text
+
+    return clock_text(epoch)
 
 
 def _commit(r: RunnerRecord) -> str:

@@ -502,9 +502,9 @@ class Store(ABC):
 
         return self._control("runner registration", work, write=True)  # type: ignore[no-any-return]
 
-    def heartbeat(self, runner_id: str, lease: LeaseRequest | None = None) -> tuple[bool, Lease | None]:
+    def heartbeat(self, runner_id: str, lease: LeaseRequest | None = None) -> tuple[bool, Lease | None, int]:
         """Record a runner's heartbeat and renew (or take, when free) its leader lease.
-        Returns (still registered, the lease it holds now)."""
+        Returns (still registered, the lease it holds now, the ledger's schema version)."""
         from . import control
 
         return self._control("heartbeat", lambda x, now: control.heartbeat(x, runner_id, lease, now), write=True)  # type: ignore[no-any-return]

@@ -56,6 +56,8 @@ CREATE TABLE IF NOT EXISTS limit_events (
     notional  TEXT NOT NULL,
     PRIMARY KEY (scope_key, at, intent_id)
 );
+-- What REDUCING reads: the ledger's position in one account and symbol.
+CREATE INDEX IF NOT EXISTS intents_position ON intents(account, symbol);
 CREATE TABLE IF NOT EXISTS runners (
     id              TEXT PRIMARY KEY,
     runner          TEXT NOT NULL,
@@ -95,7 +97,9 @@ INSERT INTO leases(name, holder, fence, expires_at, acquired_at) VALUES (?, ?, 1
 ON CONFLICT(name) DO UPDATE SET
     fence = CASE WHEN leases.holder = excluded.holder THEN leases.fence ELSE leases.fence + 1 END,
     acquired_at = CASE WHEN leases.holder = excluded.holder THEN leases.acquired_at ELSE excluded.acquired_at END,
-    holder = excluded.holder, expires_at = excluded.expires_at
+    expires_at = CASE WHEN leases.holder = excluded.holder AND leases.expires_at > excluded.expires_at
+                      THEN leases.expires_at ELSE excluded.expires_at END,
+    holder = excluded.holder
 WHERE leases.holder = excluded.holder OR leases.expires_at <= ?
 RETURNING name, holder, fence, expires_at, acquired_at
 """
@@ -313,10 +317,20 @@ def refuse(
 
 
 def lease_cut(lease: Lease | None, send_by_at: float | None) -> float | None:
-    """A claim under a leader lease is never sent after the lease lapses (a standby may lead then)."""
-    if lease is None or send_by_at is None:
+    """A claim under a leader lease is never sent after the lease lapses (a standby may lead then);
+    an opaque claim (no deadline of its own) gets the lease's expiry as its deadline."""
+    if lease is None:
         return send_by_at
-    return min(send_by_at, lease.expires_at)
+    return lease.expires_at if send_by_at is None else min(send_by_at, lease.expires_at)
+
+
+def recheck_halts(x: Exec, intent: OrderIntent) -> Refusal | None:
+    """HALTED again, after the claim waited for its scopes' row locks (PostgreSQL): a breaker
+    that tripped while this claim queued on its limit committed the halt before letting go."""
+    halt = covering_halt([halt_from_row(r) for r in x(f"SELECT {_HALT_COLS} FROM halts", ())], intent)
+    if halt is not None and halt.state is TradingState.HALTED:
+        return Refusal(BlockReason.HALTED, _halted_message(intent, halt), halt.scope, halt)
+    return None
 
 
 def trip(x: Exec, refusal: Refusal, rule: ScopeRule, actor: str, now: float) -> Refusal:
@@ -326,6 +340,28 @@ def trip(x: Exec, refusal: Refusal, rule: ScopeRule, actor: str, now: float) -> 
     reason = refusal.message.split(" — ", 1)[-1].split(" Nothing was sent.")[0]
     halt = set_state(x, rule.halt_scope, TradingState.HALTED, cause, reason, actor, now, keep_existing=True)
     return replace(refusal, halt=halt, tripped=True)
+
+
+# --------------------------------------------------------------------------- upgrade
+
+
+def refuse_live_old_runners(x: Exec, now: float, where: str) -> None:
+    """Before schema 1 -> 2: a process of this host that claimed in the last week and still runs
+    has an orderguard that knows no halts, limits or leases and would keep claiming after the
+    upgrade. Refuse (SchemaMismatch) until it is stopped; other hosts cannot be checked."""
+    from ..errors import SchemaMismatch
+    from .base import owner_alive
+
+    rows = x(
+        "SELECT DISTINCT host, pid, owner_started, runner FROM intents WHERE created_at > ?", (now - 7 * 86400,)
+    )
+    alive = [f"pid {pid} ({runner})" for host, pid, started, runner in rows if owner_alive(host, int(pid), started)]
+    if alive:
+        raise SchemaMismatch(
+            f"not upgrading {where}: {', '.join(sorted(set(alive)))} on this host claimed through it this week and "
+            "still run(s); an orderguard that predates schema 2 ignores halts, risk limits and leases. Stop them "
+            "(and the old runners on other hosts), then migrate again (or `orderguard migrate --force`)."
+        )
 
 
 # ----------------------------------------------------------------------------- halts
@@ -389,13 +425,17 @@ def register_runner(x: Exec, record: RunnerRecord) -> None:
     )
 
 
-def heartbeat(x: Exec, runner_id: str, lease: LeaseRequest | None, now: float) -> tuple[bool, Lease | None]:
-    """Record a heartbeat; renew (or take, when free) the runner's lease. (registered?, lease)."""
+def heartbeat(x: Exec, runner_id: str, lease: LeaseRequest | None, now: float) -> tuple[bool, Lease | None, int]:
+    """Record a heartbeat; renew (or take, when free) the runner's lease.
+
+    Returns (still registered, the lease held now, the ledger's schema version: a runner whose
+    ledger was upgraded under it must stop claiming)."""
+    version = int(x("SELECT value FROM meta WHERE key = 'schema_version'", ())[0][0])
     known = bool(x("UPDATE runners SET heartbeat_at = ? WHERE id = ? AND stopped_at IS NULL RETURNING id", (now, runner_id)))
     if lease is None or not known:
-        return known, None
+        return known, None, version
     taken = x(_TAKE_LEASE, (lease.name, lease.runner_id, now + lease.seconds, now, now))
-    return known, _lease_from_row(taken[0]) if taken else None
+    return known, _lease_from_row(taken[0]) if taken else None, version
 
 
 def stop_runner(x: Exec, runner_id: str, now: float) -> None:

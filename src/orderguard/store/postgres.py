@@ -208,6 +208,7 @@ class PostgresStore(Store):
         schema: str | None = None,
         create: bool = True,
         upgrade: bool = False,
+        force_upgrade: bool = False,
         min_size: int = 1,
         max_size: int = 8,
         statement_timeout: float = 5.0,
@@ -245,7 +246,7 @@ class PostgresStore(Store):
         self._last_used: dict[int, float] = {}  # id(connection) -> when it was last returned
         self.created = False  # whether opening it created the schema
         self.upgraded_from: int | None = None  # the schema version an upgrade on opening started from
-        self.namespace = self._open_schema(create, upgrade or create)
+        self.namespace = self._open_schema(create, upgrade, force_upgrade)
 
     # ------------------------------------------------------------------------ connections
 
@@ -303,7 +304,7 @@ class PostgresStore(Store):
             )
         return StoreError(f"PostgreSQL ledger failed during {what}: {exc}; nothing was sent.")
 
-    def _open_schema(self, create: bool, upgrade: bool) -> str:
+    def _open_schema(self, create: bool, upgrade: bool, force: bool) -> str:
         with self._tx("schema check") as conn:
             if self.schema and create:
                 conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
@@ -323,6 +324,8 @@ class PostgresStore(Store):
                 )
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
             if meta.get("schema_version") == "1" and upgrade:  # 1 -> 2 only adds tables
+                if not force:
+                    control.refuse_live_old_runners(_executor(conn), self._server_now(conn), self._where())
                 conn.execute(SCHEMA_V2)
                 conn.execute("UPDATE meta SET value = %s WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
                 meta["schema_version"], self.upgraded_from = str(SCHEMA_VERSION), 1
@@ -330,7 +333,8 @@ class PostgresStore(Store):
         if version == 1:
             raise SchemaMismatch(
                 f"PostgreSQL ledger {self._where()} has schema version 1; this orderguard needs {SCHEMA_VERSION} "
-                "(halts, runners, leases). Run `orderguard migrate` to upgrade it in place (it only adds tables)."
+                "(halts, runners, leases). Stop the runners still using it (an old orderguard would ignore halts), "
+                "then run `orderguard migrate` to upgrade it in place (it only adds tables)."
             )
         if version != SCHEMA_VERSION:
             raise SchemaMismatch(
@@ -407,12 +411,15 @@ class PostgresStore(Store):
                         lambda rule: self._holders(conn, rule),
                     )
 
-                if len(rules) == 1:
+                limits = any(rule.is_limit for rule in rules)
+                if len(rules) == 1 and not limits:
                     fence, refusal, _ = take_all()
-                else:  # a later rule's refusal must undo the earlier rules' writes: a savepoint
+                else:  # a refusal after a write must undo it: a savepoint
                     try:
                         with conn.transaction():
                             fence, refusal, _ = take_all()
+                            if refusal is None and limits:
+                                refusal = control.recheck_halts(x, intent)
                             if refusal is not None:
                                 raise _Undo
                     except _Undo:
@@ -650,7 +657,8 @@ class PostgresStore(Store):
         return net_positions(rows)
 
     def listen(self, timeout: float | None = None) -> Iterator[dict[str, str]]:
-        """State changes from every process on every host: ``{"intent": id, "state": S}``."""
+        """Changes from every process on every host: ``{"intent": id, "state": S}`` for an intent's
+        state, ``{"halt": "changed"}`` when a trading scope was halted or resumed."""
         psycopg = self._psycopg
         try:
             with psycopg.connect(self.url, autocommit=True, **self._kwargs) as conn:

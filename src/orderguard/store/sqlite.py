@@ -180,6 +180,7 @@ class SQLiteStore(Store):
         clock: Callable[[], float] = time.time,
         create: bool = True,
         upgrade: bool = False,
+        force_upgrade: bool = False,
     ) -> None:
         # Absolute, and said once: two runners that resolve a relative path from different
         # working directories (a deploy's old and new release) would guard with two ledgers.
@@ -189,6 +190,7 @@ class SQLiteStore(Store):
         self._db = SQLiteFile(path, synchronous=synchronous, busy_timeout=busy_timeout, autocheckpoint=False)
         self.synchronous = self._db.synchronous
         self._clock = clock
+        self.upgraded_from: int | None = None  # the schema version `upgrade=True` started from
         refuse_network_filesystem(path)
         # Look before touching: the first read-write connection switches a file to WAL, which
         # must never happen to a file that is not (or not yet allowed to become) a ledger.
@@ -201,7 +203,7 @@ class SQLiteStore(Store):
                 "nothing was changed. Point the store at a ledger, or at a new file to create one."
             )
         try:
-            self.namespace = self._open_schema(create, upgrade or create)
+            self.namespace = self._open_schema(create, upgrade, force_upgrade)
         except BaseException:
             self._db.close()
             raise
@@ -225,9 +227,8 @@ class SQLiteStore(Store):
             return "ledger"
         return "foreign" if names else "empty"
 
-    def _open_schema(self, create: bool, upgrade: bool) -> str:
+    def _open_schema(self, create: bool, upgrade: bool, force: bool) -> str:
         rows = self._db.read("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'meta'")
-        self.upgraded_from: int | None = None
         if not rows:
             with self._db.write("schema creation") as conn:
                 self._db.run_script(conn, SCHEMA_V1 + SCHEMA_V2)
@@ -240,6 +241,8 @@ class SQLiteStore(Store):
         if version == 1 and upgrade:  # 1 -> 2 only adds tables
             with self._db.write("schema upgrade") as conn:
                 if conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "1":
+                    if not force:
+                        control.refuse_live_old_runners(_executor(conn), self.now(), self.path)
                     self._db.run_script(conn, SCHEMA_V2)
                     conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
                     self.upgraded_from = 1
@@ -247,7 +250,8 @@ class SQLiteStore(Store):
         if version == 1:
             raise SchemaMismatch(
                 f"ledger {self.path!r} has schema version 1; this orderguard needs {SCHEMA_VERSION} (halts, "
-                "runners, leases). Run `orderguard migrate` to upgrade it in place (it only adds tables)."
+                "runners, leases). Stop the runners still using it (an old orderguard would ignore halts), then "
+                "run `orderguard migrate` to upgrade it in place (it only adds tables)."
             )
         if version != SCHEMA_VERSION:
             newer = version > SCHEMA_VERSION
