@@ -154,15 +154,26 @@ def test_runners_lists_flags_stale_and_mixed_versions_and_exits_1(store: Path, t
 
         os.kill(children[0].pid, signal.SIGKILL)  # the old runner dies without stopping
         children[0].wait(timeout=10)
+        # It goes STALE; the surviving runner of the strategy, on the same host, then finds its
+        # process gone and marks it stopped. Either way it is no longer live, and one live
+        # runner is not "mixed".
         deadline = time.monotonic() + 10
-        kinds: list[str] = []
+        old: dict = {}  # type: ignore[type-arg]
         while time.monotonic() < deadline:
-            view = cli_json_any("runners", "--store", store)
-            kinds = [f["kind"] for f in view["flags"]]
-            if kinds == ["STALE"]:
+            view = cli_json_any("runners", "--store", store, "--stopped", "1h")
+            old = next(r for r in view["runners"] if r["runner"] == "old-runner")
+            if old["stale"] or old["stopped_at"] is not None:
                 break
-            time.sleep(0.1)
-        assert kinds == ["STALE"]  # the dead one is stale; one live runner is not "mixed"
+            time.sleep(0.05)
+        assert old["live"] is False and (old["stale"] or old["stopped_at"] is not None), old
+        assert "MIXED_VERSIONS" not in [f["kind"] for f in view["flags"]]
+        deadline = time.monotonic() + 10
+        while old["stopped_at"] is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+            view = cli_json_any("runners", "--store", store)
+            old = next(r for r in view["runners"] if r["runner"] == "old-runner")
+        assert old["stopped_at"] is not None  # marked stopped by its peer: not STALE for a week
+        assert [f["kind"] for f in view["flags"]] == []
     finally:
         for child in children:
             child.kill()

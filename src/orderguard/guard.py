@@ -10,7 +10,6 @@ import inspect
 import logging
 import os
 import sys
-import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -18,7 +17,8 @@ from contextlib import AbstractAsyncContextManager, AbstractContextManager, asyn
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _crash
-from .alerts import AlertKind, Notifier
+from .alerts import Notifier
+from .breakers import Breakers
 from .claim import Claim, Outcome, SubmitResult, _current
 from .errors import (
     ConfigurationError,
@@ -32,9 +32,10 @@ from .errors import (
     SendDeadlineExceeded,
     StoreError,
 )
-from .halts import HaltCause, HaltRecord, TradingState
+from .halts import HaltCause, HaltRecord
+from .heartbeat import Heartbeat
 from .intent import OrderIntent
-from .policies import PolicyArg, as_policies, canonical_halt_scope, scope_text
+from .policies import PolicyArg, as_policies
 from .runners import (
     LeaseRequest,
     RunnerRecord,
@@ -42,11 +43,10 @@ from .runners import (
     fingerprint,
     git_commit,
     new_runner_id,
-    runner_flags,
 )
 from .states import TERMINAL, State
 from .store import open_store
-from .store.base import SCHEMA_VERSION, BlockReason, Caller, TransitionFields, owner_alive, this_host
+from .store.base import SCHEMA_VERSION, BlockReason, Caller, TransitionFields, this_host
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from .alerts import Sink
     from .brokers.base import Broker, BrokerOrder, OrderRequest
     from .reconcile import ReconcileReport
-    from .store.base import AttemptRecord, ClaimDecision, IntentRecord, Store
+    from .store.base import AttemptRecord, IntentRecord, Store
 
 log = logging.getLogger("orderguard")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -118,16 +118,17 @@ class Guard:
         self.alerts: Notifier | None = (
             alerts if isinstance(alerts, Notifier) or alerts is None else Notifier(alerts)
         )
-        # Halts this guard could not record (the ledger failed): recorded before its next claim.
-        self._pending_halts: list[tuple[str, HaltCause, str]] = []
-        self._pending_lock = threading.Lock()
+        self.breakers = Breakers(
+            store, self.alerts, self.runner, halt_after_unknown=halt_after_unknown,
+            halt_on_ledger_failure=halt_on_ledger_failure,
+        )
         self._schema_moved: int | None = None  # set by the heartbeat when the ledger's schema changes
         _GUARDS.add(self)
         self.runner_id = new_runner_id()
         # A lease must be renewed well before it lapses: at least three beats per lease.
         every = min(float(heartbeat_every), float(lease_seconds) / 3) if exclusive else float(heartbeat_every)
         self._lease = LeaseRequest(exclusive, self.runner_id, float(lease_seconds)) if exclusive else None
-        self._heartbeat: _Heartbeat | None = None
+        self._heartbeat: Heartbeat | None = None
         self.registration: RunnerRecord | None = None
         if register:
             files = code_files(code)
@@ -143,7 +144,7 @@ class Guard:
                 f", git {record.git_commit[:10]}" if record.git_commit else "",
                 f", competing for exclusive {exclusive!r}" if exclusive else "",
             )
-            self._heartbeat = _Heartbeat(self, every)
+            self._heartbeat = Heartbeat(self, every)
             self._heartbeat.check_peers()
             self._heartbeat.start()
             atexit.register(self._stop_registration)  # a script that never closes still stops cleanly
@@ -212,8 +213,8 @@ class Guard:
                 f"the ledger was migrated to schema version {self._schema_moved} while this runner ran (it knows "
                 f"{SCHEMA_VERSION}); nothing was sent. Restart it with the orderguard the ledger now needs."
             )
-        if self._pending_halts:
-            self._record_pending_halts()
+        if self.breakers.pending:
+            self.breakers.record_pending()
         started = time.monotonic()
         # An opaque owner (a decorated function) may send at any time while it runs: no deadline.
         deadline = None if opaque else self.send_deadline
@@ -232,98 +233,15 @@ class Guard:
                     "strategy": intent.strategy, "symbol": intent.symbol,
                 },
             )
-            self._alert_block(decision)
+            self.breakers.blocked(decision)
         send_deadline = self.send_deadline
         record = decision.intent
         if decision.lease is not None and record is not None and record.send_by_at is not None:
             # the store cut the deadline to the lease's expiry: a standby may lead after it
             send_deadline = min(send_deadline, max(0.0, record.send_by_at - record.created_at))
-        return Claim(self.store, decision, send_deadline=send_deadline, started=started, observer=self._observe)
+        return Claim(self.store, decision, send_deadline=send_deadline, started=started, observer=self.breakers.observe)
 
     # ------------------------------------------------------------------ breakers & alerts
-
-    def _alert_block(self, decision: ClaimDecision) -> None:
-        if self.alerts is None or decision.reason in (None, BlockReason.NOT_LEADER):
-            return
-        if decision.reason is BlockReason.HALTED and decision.halt is not None:
-            kind = AlertKind.HALTED
-            scope = decision.halt.scope
-            message = (f"BREAKER TRIPPED, {scope} HALTED: " if decision.tripped else "") + decision.message
-        elif decision.tripped and decision.halt is not None:
-            kind, scope = AlertKind.HALTED, decision.halt.scope
-            message = f"BREAKER TRIPPED, {scope} HALTED: {decision.message}"
-        else:
-            kind = AlertKind.BLOCKED
-            scope = decision.rule.key if decision.rule is not None else str(decision.reason)
-            message = decision.message
-        self.alerts.notify(kind, scope, message, reason=str(decision.reason))
-
-    def _observe(self, event: str, record: IntentRecord, detail: str) -> None:
-        """Claims report UNKNOWN outcomes and ledger write failures here. Never raises."""
-        try:
-            if event == "unknown":
-                self._unknown_seen(record, detail)
-            elif event == "store_failure" and self.halt_on_ledger_failure:
-                self._halt_later(
-                    record.strategy, HaltCause.LEDGER_WRITE_FAILURE,
-                    f"recording the outcome of {record.client_order_id} ({record.symbol}) failed: {detail}; "
-                    "reconcile it once the ledger is back",
-                )
-        except Exception:
-            log.exception("breaker check after %s of %s failed", event, record.client_order_id)
-
-    def _unknown_seen(self, record: IntentRecord, detail: str) -> None:
-        if self.alerts is not None:
-            self.alerts.notify(
-                AlertKind.UNKNOWN, scope_text(strategy=record.strategy, symbol=record.symbol),
-                f"ORDER OUTCOME UNKNOWN: {record.strategy} {record.symbol} {record.side} {record.quantity} "
-                f"({record.client_order_id}): {detail}. Run `orderguard reconcile --broker ...`.",
-            )
-        if self.halt_after_unknown is None:
-            return
-        scope = scope_text(strategy=record.strategy)
-        try:
-            unknown = self.store.intents(states=[State.UNKNOWN], strategy=record.strategy, limit=self.halt_after_unknown)
-            if len(unknown) < self.halt_after_unknown:
-                return
-            why = (
-                f"{len(unknown)} orders of strategy {record.strategy} have unknown outcomes (latest "
-                f"{record.client_order_id}: {detail}); the venue or the network is failing"
-            )
-            self.halt(scope, reason=why, cause=HaltCause.UNKNOWN_OUTCOMES, keep_existing=True)
-        except StoreError as exc:  # cannot count or record: halt when the ledger is back (fail closed)
-            self._halt_later(
-                record.strategy, HaltCause.UNKNOWN_OUTCOMES,
-                f"{record.client_order_id} ended UNKNOWN ({detail}) and the ledger failed while counting "
-                f"this strategy's UNKNOWN orders ({exc})",
-            )
-
-    def _halt_later(self, strategy: str, cause: HaltCause, reason: str) -> None:
-        scope = scope_text(strategy=strategy)
-        with self._pending_lock:
-            self._pending_halts.append((scope, cause, reason))
-        log.error(
-            "HALTING %s (%s): %s. Recorded in the ledger now, or if it cannot take writes, before this "
-            "runner's next claim (until then only this runner is stopped).", scope, cause.value, reason,
-        )
-        if self.alerts is not None:
-            self.alerts.notify(AlertKind.HALTED, scope, f"HALTING {scope} ({cause.value}): {reason}")
-        with contextlib.suppress(StoreError):
-            self._record_pending_halts()
-
-    def _record_pending_halts(self) -> None:
-        """Write halts that failed to reach the ledger; a failure here fails the claim (closed)."""
-        with self._pending_lock:
-            pending, self._pending_halts = self._pending_halts, []
-        try:
-            while pending:
-                scope, cause, reason = pending[0]
-                self.halt(scope, reason=reason, cause=cause, keep_existing=True, notify=False)
-                pending.pop(0)
-        finally:
-            if pending:
-                with self._pending_lock:
-                    self._pending_halts[:0] = pending
 
     def halt(
         self,
@@ -333,36 +251,20 @@ class Guard:
         reducing: bool = False,
         cause: HaltCause = HaltCause.OPERATOR,
         keep_existing: bool = False,
-        notify: bool = True,
     ) -> HaltRecord | None:
         """Kill switch: HALT (or, with ``reducing=True``, allow only position-shrinking orders in)
         a trading scope — ``"global"``, ``"strategy=x"``, ``"account=a,symbol=SPX"`` — for every
         process and host using this ledger, until :meth:`resume`. ``keep_existing``: a scope
         already HALTED keeps its first cause and nothing is written (returns None)."""
-        scope = canonical_halt_scope(scope)
-        state = TradingState.REDUCING if reducing else TradingState.HALTED
-        record = self.store.set_trading_state(
-            scope, state, cause=cause, reason=reason, actor=self._actor(), keep_existing=keep_existing
-        )
-        if keep_existing and record is not None and (record.cause, record.reason) != (cause, reason.strip()):
-            return None  # it was already halted: its first cause stands
-        log.error("%s %s (%s): %s. Resume with `orderguard resume '%s' --reason ...`.", state.value, scope, cause.value, reason, scope)
-        if notify and self.alerts is not None:
-            self.alerts.notify(AlertKind.HALTED, scope, f"{state.value} {scope} ({cause.value}): {reason}")
-        return record
+        return self.breakers.halt(scope, reason=reason, reducing=reducing, cause=cause, keep_existing=keep_existing)
 
     def resume(self, scope: str, *, reason: str) -> None:
         """Set a trading scope back to ACTIVE (recorded with who and why)."""
-        self.store.set_trading_state(
-            canonical_halt_scope(scope), TradingState.ACTIVE, cause=HaltCause.OPERATOR, reason=reason, actor=self._actor()
-        )
+        self.breakers.resume(scope, reason=reason)
 
     def halts(self) -> list[HaltRecord]:
         """Trading scopes that are not ACTIVE."""
         return self.store.halts()
-
-    def _actor(self) -> str:
-        return f"runner {self.runner} on {this_host()} pid {os.getpid()}"
 
     def claim(self, intent: OrderIntent, *, policy: PolicyArg | None = None) -> AbstractContextManager[Claim]:
         """Claim for existing order code::
@@ -455,7 +357,7 @@ class Guard:
         except DuplicateClientOrderId as exc:
             # The guard never sends one client order id twice: the venue knowing it means another
             # system (or a wiped ledger) shares the ids. Halt the strategy, then look the order up.
-            self._halt_later(
+            self.breakers.halt_later(
                 intent.strategy, HaltCause.DUPLICATE_CLIENT_ID,
                 f"{broker.name} already knows client order id {request.client_order_id} ({exc}); another "
                 "sender or a recreated ledger may be reusing ids",
@@ -608,7 +510,7 @@ class Guard:
         return reconcile(
             self.store, broker, grace=grace,
             stale_after=self.stale_after if stale_after is None else stale_after, wait=wait,
-            notifier=self.alerts, actor=self._actor(), halt_on_drift=halt_on_drift,
+            notifier=self.alerts, actor=self.breakers.actor(), halt_on_drift=halt_on_drift,
         )
 
     def runners(self) -> list[RunnerRecord]:
@@ -679,7 +581,7 @@ _GUARDS: weakref.WeakSet[Guard] = weakref.WeakSet()
 def _reset_locks_in_child() -> None:
     # A fork may copy a lock held by another thread of the parent: the child must not inherit it.
     for guard in list(_GUARDS):
-        guard._pending_lock = threading.Lock()
+        guard.breakers.after_fork()
 
 
 os.register_at_fork(after_in_child=_reset_locks_in_child)
@@ -689,77 +591,3 @@ def _version() -> str:
     from . import __version__
 
     return __version__
-
-
-class _Heartbeat(threading.Thread):
-    """Keeps a guard's runner registered and its leader lease renewed; watches its peers."""
-
-    def __init__(self, guard: Guard, every: float) -> None:
-        super().__init__(name=f"orderguard-heartbeat-{guard.runner}", daemon=True)
-        self.guard = guard
-        self.every = every
-        self.pid = os.getpid()
-        self._halt_event = threading.Event()
-        self._leading: bool | None = None
-        self._flagged: set[tuple[str, str]] = set()
-
-    def stop(self) -> None:
-        self._halt_event.set()
-        if self.is_alive() and threading.current_thread() is not self:
-            self.join(timeout=max(5.0, 2 * self.every))
-
-    def run(self) -> None:
-        while not self._halt_event.wait(self.every):
-            try:
-                self.beat()
-            except Exception as exc:  # the store is down: claims fail closed meanwhile
-                log.warning("runner %s heartbeat failed: %s", self.guard.runner, exc)
-
-    def beat(self) -> None:
-        guard = self.guard
-        if guard._pending_halts:
-            guard._record_pending_halts()
-        known, lease, version = guard.store.heartbeat(guard.runner_id, guard._lease)
-        if version != SCHEMA_VERSION and guard._schema_moved is None:
-            guard._schema_moved = version
-            log.error(
-                "runner %s: the ledger was migrated to schema version %s under it (this orderguard knows %s); "
-                "it claims nothing more. Restart it with the orderguard the ledger now needs.",
-                guard.runner, version, SCHEMA_VERSION,
-            )
-        if not known and guard.registration is not None:  # stopped or removed by someone: register again
-            guard.registration = guard.store.register_runner(guard.registration)
-        if guard._lease is not None:
-            leading = lease is not None and lease.holder == guard.runner_id
-            if leading != self._leading:
-                what = "now leads" if leading else "is a standby for"
-                log.warning("runner %s %s exclusive %r", guard.runner, what, guard.exclusive)
-                if guard.alerts is not None and self._leading is not None:
-                    guard.alerts.notify(
-                        AlertKind.LEADER, f"exclusive={guard.exclusive}",
-                        f"runner {guard.runner} on {this_host()} pid {os.getpid()} {what} exclusive {guard.exclusive!r}",
-                    )
-                self._leading = leading
-        self.check_peers()
-
-    def check_peers(self) -> None:
-        """Log and alert stale runners and mixed code versions of this guard's strategy, once each."""
-        guard = self.guard
-        now = guard.store.now()
-        flags = [f for f in runner_flags(guard.store.runners(stopped_within=0), now) if f.runner.strategy == guard.strategy]
-        current = {(f.kind, f.runner.id) for f in flags}
-        self._flagged &= current  # a runner that recovers and goes stale again is reported again
-        for flag in flags:
-            key = (flag.kind, flag.runner.id)
-            if key in self._flagged:
-                continue
-            self._flagged.add(key)
-            log.error("%s: %s", flag.kind, flag.message)
-            if guard.alerts is not None:
-                kind = AlertKind.STALE_RUNNER if flag.kind == "STALE" else AlertKind.MIXED_VERSIONS
-                guard.alerts.notify(kind, f"strategy={guard.strategy}", flag.message, runner=flag.runner.id)
-            r = flag.runner
-            if flag.kind == "STALE" and owner_alive(r.host, r.pid, r.started) is False:
-                # Its process is gone from this host: it will never heartbeat or send again.
-                guard.store.stop_runner(r.id)
-                log.warning("runner %s (pid %s) is gone from this host: marked stopped", r.runner, r.pid)
