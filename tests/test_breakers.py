@@ -889,7 +889,9 @@ def test_postgres_a_trip_racing_another_halt_keeps_the_first_cause(pg_ledger: Le
         operator.close()
         claimer.join(timeout=30)
     (decision,) = decisions
-    assert decision.reason is BlockReason.RATE_LIMIT and decision.tripped
+    # Refused by the limit, but the operator's halt came first: this refusal did not trip it.
+    assert decision.reason is BlockReason.RATE_LIMIT and not decision.tripped
+    assert decision.halt is not None and decision.halt.cause is HaltCause.OPERATOR
     (record,) = store.halts()
     assert (record.cause, record.actor, record.reason) == (HaltCause.OPERATOR, "operator alice", "desk stop")
     assert [e.cause for e in store.halt_history()] == [HaltCause.OPERATOR]

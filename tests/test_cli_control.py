@@ -289,3 +289,21 @@ def test_reconcile_halts_a_drifting_symbol_unless_told_not_to(store: Path, tmp_p
     (halt,) = cli_json("status", "--store", store)["halts"]
     assert (halt["scope"], halt["cause"]) == ("account=main,symbol=SPX", "DRIFT")
     assert "orderguard-reconcile" in halt["actor"] and "venue" not in halt["actor"]
+
+
+def test_halt_notes_a_scope_no_intent_falls_in_and_resume_notes_broader_halts(store: Path, tmp_path: Path) -> None:
+    broker = PaperBroker.open(f"sqlite:///{tmp_path / 'paper.db'}")
+    with Guard.open(f"sqlite:///{store}") as guard:
+        guard.submit(make_intent(symbol="SPX"), broker, policy=POLICY)
+    broker.close()
+    code, out, _ = cli("halt", "symbol=spx", "--reason", "typo", "--store", store)
+    assert code == 0 and "none of the ledger's last 5000 intents falls in symbol=spx" in out
+    code, out, _ = cli("halt", "symbol=SPX,side=buy", "--reason", "no longs", "--store", store)
+    assert code == 0 and "side=BUY,symbol=SPX is HALTED" in out and "note:" not in out
+    cli("halt", "global", "--reason", "market closed early", "--store", store)
+    code, out, _ = cli("resume", "side=BUY,symbol=SPX", "--reason", "longs ok", "--store", store)
+    assert code == 0 and "ACTIVE again (was HALTED" in out and "no longs" in out
+    assert "still covered by global, HALTED" in out and "market closed early" in out
+    code, out, err = cli("halt", "side=long", "--reason", "x", "--store", store)
+    assert code == EXIT_USAGE
+    assert_one_line_error(err, "can never match", "BUY, SELL")

@@ -336,7 +336,7 @@ def _set_state(
     ctx: typer.Context, scope: str, state: str, reason: str, by: str | None, as_json: bool,
     store: str | None, busy_timeout: float | None,
 ) -> None:
-    from .cli_control import operator_name
+    from .cli_control import operator_name, unmatched_note
     from .cli_render import when
     from .errors import InvalidPolicy
     from .halts import HaltCause, TradingState
@@ -362,10 +362,11 @@ def _set_state(
         )
         mine = set(parse_halt_scope(canonical))
         still = [h for h in ledger.halts() if h.scope != canonical and set(parse_halt_scope(h.scope)) <= mine]
+        note = unmatched_note(canonical, ledger) if record is not None else None
     if as_json:
         _emit_json({
             "ledger": choice.where, "scope": canonical, "state": state, "before": before, "halt": record,
-            "still_covered_by": still,
+            "still_covered_by": still, "note": note,
         })
         return
     was = f" (was {before.state.value} since {when(before.at)}, {before.cause.value} by {before.actor}: {before.reason})" if before else ""
@@ -375,6 +376,8 @@ def _set_state(
         typer.echo(f"{canonical} is {state} for every runner at its next claim ({actor}: {reason.strip()}){was}")
     for h in still:
         typer.echo(f"note: {canonical} is still covered by {h.scope}, {h.state.value} ({h.cause.value} by {h.actor}: {h.reason})")
+    if note:
+        typer.echo(note)
 
 
 @app.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import os
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
@@ -19,7 +20,33 @@ if TYPE_CHECKING:
 
     from .halts import HaltEvent, HaltRecord
     from .runners import Lease, RunnerFlag, RunnerRecord
-    from .store.base import Store
+    from .store.base import IntentRecord, Store
+
+
+def unmatched_note(scope: str, store: Store) -> str | None:
+    """A note when no recent intent of the ledger falls in ``scope`` (a misspelt symbol or
+    strategy would make a halt that stops nothing); None when one does, or the scope is global."""
+    from .intent import canonical_decimal
+    from .policies import parse_halt_scope
+
+    pairs = parse_halt_scope(scope)
+    if not pairs:
+        return None
+
+    def value(record: IntentRecord, name: str) -> str:
+        if name.startswith("tags."):
+            return record.tags.get(name[5:], "")
+        item = getattr(record, name, "")
+        return canonical_decimal(item) if isinstance(item, Decimal) else str(item)
+
+    for record in store.intents(limit=5000):
+        if all(value(record, name) == wanted for name, wanted in pairs):
+            return None
+    return (
+        f"note: none of the ledger's last 5000 intents falls in {scope}; check the spelling (values are "
+        "case-sensitive and must match the intents' own, e.g. symbol=SPX, strategy=spx-calendar). The halt "
+        "is in place and applies to any future intent that matches."
+    )
 
 
 def operator_name(given: str | None) -> str:

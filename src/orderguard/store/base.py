@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import ClockError, FencedOut, InvalidTransition
 from ..policies import ScopeKind, ScopeRule
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
     Exec = Callable[[str, Sequence[Any]], list[Any]]
 
+T = TypeVar("T")
 SCHEMA_VERSION = 2  # 2: halts, risk-limit events, runners and leader leases
 
 
@@ -458,7 +459,7 @@ class Store(ABC):
     # Halts, runners and leases: implemented once (store/control.py) over these two hooks.
 
     @abstractmethod
-    def _control(self, what: str, work: Callable[[Exec, float], Any], *, write: bool) -> Any:
+    def _control(self, what: str, work: Callable[[Exec, float], T], *, write: bool) -> T:
         """Run ``work(exec, store_now)`` in one transaction (``write``: a write transaction)."""
 
     def set_trading_state(
@@ -472,7 +473,7 @@ class Store(ABC):
 
         if not reason.strip():
             raise ValueError("a halt or resume needs a reason (it is what the next operator reads)")
-        return self._control(  # type: ignore[no-any-return]
+        return self._control(
             "halt",
             lambda x, now: control.set_state(x, scope, state, cause, reason.strip(), actor, now, keep_existing=keep_existing),
             write=True,
@@ -482,13 +483,13 @@ class Store(ABC):
         """Every trading scope that is not ACTIVE, newest first."""
         from . import control
 
-        return self._control("read", lambda x, now: control.list_halts(x), write=False)  # type: ignore[no-any-return]
+        return self._control("read", lambda x, now: control.list_halts(x), write=False)
 
     def halt_history(self, limit: int = 100) -> list[HaltEvent]:
         """Changes of trading state (halts, reducing, resumes), newest first."""
         from . import control
 
-        return self._control("read", lambda x, now: control.halt_history(x, limit), write=False)  # type: ignore[no-any-return]
+        return self._control("read", lambda x, now: control.halt_history(x, limit), write=False)
 
     def register_runner(self, record: RunnerRecord) -> RunnerRecord:
         """Add a runner to the registry, stamped with the store's clock."""
@@ -500,14 +501,14 @@ class Store(ABC):
             control.register_runner(x, stamped)
             return stamped
 
-        return self._control("runner registration", work, write=True)  # type: ignore[no-any-return]
+        return self._control("runner registration", work, write=True)
 
     def heartbeat(self, runner_id: str, lease: LeaseRequest | None = None) -> tuple[bool, Lease | None, int]:
         """Record a runner's heartbeat and renew (or take, when free) its leader lease.
         Returns (still registered, the lease it holds now, the ledger's schema version)."""
         from . import control
 
-        return self._control("heartbeat", lambda x, now: control.heartbeat(x, runner_id, lease, now), write=True)  # type: ignore[no-any-return]
+        return self._control("heartbeat", lambda x, now: control.heartbeat(x, runner_id, lease, now), write=True)
 
     def stop_runner(self, runner_id: str) -> None:
         """A clean stop: the runner is no longer expected to heartbeat; its lease is given up."""
@@ -520,7 +521,7 @@ class Store(ABC):
         in the last ``stopped_within`` seconds; newest first."""
         from . import control
 
-        return self._control(  # type: ignore[no-any-return]
+        return self._control(
             "read", lambda x, now: control.list_runners(x, now - stopped_within, now), write=False
         )
 
@@ -528,4 +529,4 @@ class Store(ABC):
         """Leader leases of ``exclusive=`` guards."""
         from . import control
 
-        return self._control("read", lambda x, now: control.list_leases(x), write=False)  # type: ignore[no-any-return]
+        return self._control("read", lambda x, now: control.list_leases(x), write=False)

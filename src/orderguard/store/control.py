@@ -339,7 +339,9 @@ def trip(x: Exec, refusal: Refusal, rule: ScopeRule, actor: str, now: float) -> 
     cause = HaltCause.RATE_LIMIT if refusal.reason is BlockReason.RATE_LIMIT else HaltCause.NOTIONAL_LIMIT
     reason = refusal.message.split(" — ", 1)[-1].split(" Nothing was sent.")[0]
     halt = set_state(x, rule.halt_scope, TradingState.HALTED, cause, reason, actor, now, keep_existing=True)
-    return replace(refusal, halt=halt, tripped=True)
+    # Only the refusal that wrote the halt tripped the breaker; later ones found it halted.
+    wrote = halt is not None and (halt.cause, halt.reason, halt.actor, halt.at) == (cause, reason, actor, now)
+    return replace(refusal, halt=halt, tripped=wrote)
 
 
 # --------------------------------------------------------------------------- upgrade

@@ -17,7 +17,7 @@ import time
 import uuid
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import (
     ConfigurationError,
@@ -76,6 +76,7 @@ if TYPE_CHECKING:
     from .control import Exec
 
 log = logging.getLogger("orderguard")
+T = TypeVar("T")
 SCHEMA_V2 = control.SCHEMA_V2.format(real="DOUBLE PRECISION", serial="BIGSERIAL")
 CHANNEL = "orderguard"
 _PENDING_SQL = ", ".join(f"'{s.value}'" for s in (*PENDING, State.UNKNOWN))
@@ -169,6 +170,7 @@ SELECT (SELECT now FROM clk), (SELECT count(*) FROM ok), (SELECT fence FROM s), 
 
 
 _ONE_STATEMENT = {kind: _one_statement_claim(kind) for kind in _FREE}
+HALTED_SKIP_FAST_PATH = 1.0  # seconds claims take the full transaction after the fast path saw a halt
 CLOCK_TOLERANCE = 1.0  # seconds between the server's clock and this host's estimate of it
 IDLE_CHECK_AFTER = 0.2  # seconds idle after which a pooled connection is pinged before use (a claim
 # loop reuses its connection sooner and pays nothing; a bot that claims now and then pays one ping)
@@ -243,6 +245,7 @@ class PostgresStore(Store):
         self._pool: Any = None
         self._pid = os.getpid()
         self._offset: float | None = None  # server clock minus this host's clock
+        self._halted_until = 0.0  # monotonic time until which claims skip the fast path (halts exist)
         self._last_used: dict[int, float] = {}  # id(connection) -> when it was last returned
         self.created = False  # whether opening it created the schema
         self.upgraded_from: int | None = None  # the schema version an upgrade on opening started from
@@ -385,7 +388,7 @@ class PostgresStore(Store):
         exclusive: LeaseRequest | None = None,
     ) -> ClaimDecision:
         intent_id = new_intent_id()
-        if len(policies) == 1 and exclusive is None:
+        if len(policies) == 1 and exclusive is None and time.monotonic() >= self._halted_until:
             fast = self._claim_in_one_statement(intent, policies[0], caller, intent_id, state, send_deadline)
             if fast is not None:
                 return fast
@@ -489,7 +492,10 @@ class PostgresStore(Store):
         assert result is not None
         now, clock_ok, fence, attempt_id = result[0], result[1], result[2], result[3]
         if result[6]:
-            return None  # a trading scope is halted somewhere: the full transaction checks which
+            # A trading scope is halted somewhere: the full transaction checks which. Halts last
+            # minutes to days, so the next claims go straight there for a while.
+            self._halted_until = time.monotonic() + HALTED_SKIP_FAST_PATH
+            return None
         if not clock_ok:
             self._offset = None  # this host's clock moved: measure again, and take the long way
             return None
@@ -668,7 +674,7 @@ class PostgresStore(Store):
         except psycopg.Error as exc:
             raise self._translate(exc, "listen") from exc
 
-    def _control(self, what: str, work: Callable[[Exec, float], Any], *, write: bool) -> Any:
+    def _control(self, what: str, work: Callable[[Exec, float], T], *, write: bool) -> T:
         with self._tx(what) as conn:
             result = work(_executor(conn), self._server_now(conn))
             if what == "halt":  # dashboards on every host hear halts and resumes

@@ -14,7 +14,7 @@ import sqlite3
 import time
 import uuid
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import quote
 
 from .._sqlite import SQLiteFile
@@ -72,6 +72,7 @@ if TYPE_CHECKING:
     from .control import Exec
 
 log = logging.getLogger("orderguard")
+T = TypeVar("T")
 
 # File systems whose byte-range locks SQLite cannot rely on (sqlite.org/useovernet.html).
 # A background thread keeps the WAL under this size, so no claim ever runs a checkpoint.
@@ -469,7 +470,7 @@ class SQLiteStore(Store):
         rows = self._db.read("SELECT account, symbol, side, filled_quantity FROM intents")
         return net_positions(rows)
 
-    def _control(self, what: str, work: Callable[[Exec, float], Any], *, write: bool) -> Any:
+    def _control(self, what: str, work: Callable[[Exec, float], T], *, write: bool) -> T:
         if write:
             with self._db.write(what) as conn:
                 return work(_executor(conn), self.now())
