@@ -409,6 +409,24 @@ def runners(
 
 
 @app.command()
+def serve(
+    config: Annotated[str, typer.Option("--config", metavar="FILE", help="The gateway's TOML config (store, broker, policies, alerts, bind).")],
+    bind: Annotated[str | None, typer.Option("--bind", metavar="HOST:PORT", help="Override the config's bind address.", show_default=False)] = None,
+) -> None:
+    """Run the HTTP gateway and live dashboard (orderguard[server]).
+
+    The bearer token for mutating routes is generated on first start into the config's
+    token_file (mode 0600) and shown once.
+    """
+    with reported("--config"):
+        try:
+            from .server.run import serve as run_server
+        except ImportError as exc:
+            raise CliFailure(EXIT_USAGE, f"the gateway needs its extra: pip install 'orderguard[server]' ({exc.name} missing)") from None
+        run_server(config, bind=bind, echo=typer.echo)
+
+
+@app.command()
 def migrate(
     ctx: typer.Context,
     force: Annotated[bool, typer.Option("--force", help="Upgrade even if processes that used the old schema still run on this host.")] = False,

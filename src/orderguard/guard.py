@@ -526,10 +526,12 @@ class Guard:
 
     def attempts(
         self, *, intent_id: str | None = None, holder_id: str | None = None, blocked: bool | None = None,
-        reason: BlockReason | None = None, since: float | None = None, limit: int = 1000,
+        reason: BlockReason | None = None, since: float | None = None, after_id: int | None = None,
+        limit: int = 1000,
     ) -> list[AttemptRecord]:
         return self.store.attempts(
-            intent_id=intent_id, holder_id=holder_id, blocked=blocked, reason=reason, since=since, limit=limit
+            intent_id=intent_id, holder_id=holder_id, blocked=blocked, reason=reason, since=since,
+            after_id=after_id, limit=limit,
         )
 
     def mark_closed(self, ref: str) -> IntentRecord:

@@ -979,6 +979,8 @@ class Listener:
             stream = self.store.listen(timeout=timeout)
             try:
                 for note in stream:
+                    if "intent" not in note:  # blocked attempts and halts notify too
+                        continue
                     with self._cond:
                         self.notes.append(note)
                         self._cond.notify_all()

@@ -442,9 +442,10 @@ class Store(ABC):
         blocked: bool | None = None,
         reason: BlockReason | None = None,
         since: float | None = None,
+        after_id: int | None = None,
         limit: int = 1000,
     ) -> list[AttemptRecord]:
-        """Attempts, newest first."""
+        """Attempts, newest first (``after_id``: only those recorded after attempt ``after_id``)."""
 
     @abstractmethod
     def filled_positions(self) -> dict[tuple[str, str], Decimal]:

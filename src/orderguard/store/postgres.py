@@ -429,8 +429,9 @@ class PostgresStore(Store):
                         pass
             if refusal is not None:
                 decision = control.refuse(x, refusal, rules, intent, caller, now)
-                if decision.tripped:  # dashboards on every host hear the halt
-                    conn.execute("SELECT pg_notify(%s, %s)", (self.channel, json.dumps({"halt": "changed"})))
+                # Dashboards on every host hear the blocked attempt (and the halt it tripped).
+                note = {"attempt": decision.attempt_id, **({"halt": "changed"} if decision.tripped else {})}
+                conn.execute("SELECT pg_notify(%s, %s)", (self.channel, json.dumps(note)))
                 return decision
             coid = f"{client_order_id_head(self.namespace, keys[0])}-{fence_text(fence)}"
             row = attempt_row(now, "CLAIMED", None, intent_id, None, keys[0], caller, intent, "")
@@ -642,6 +643,7 @@ class PostgresStore(Store):
         blocked: bool | None = None,
         reason: BlockReason | None = None,
         since: float | None = None,
+        after_id: int | None = None,
         limit: int = 1000,
     ) -> list[AttemptRecord]:
         clause, params = where_clause([
@@ -650,6 +652,7 @@ class PostgresStore(Store):
             ("outcome = %s", ["BLOCKED" if blocked else "CLAIMED"], blocked is not None),
             ("reason = %s", [None if reason is None else BlockReason(reason).value], reason is not None),
             ("at >= %s", [since], since is not None),
+            ("id > %s", [after_id], after_id is not None),
         ])
         with self._tx("read") as conn:
             rows = conn.execute(
@@ -664,7 +667,8 @@ class PostgresStore(Store):
 
     def listen(self, timeout: float | None = None) -> Iterator[dict[str, str]]:
         """Changes from every process on every host: ``{"intent": id, "state": S}`` for an intent's
-        state, ``{"halt": "changed"}`` when a trading scope was halted or resumed."""
+        state, ``{"attempt": id}`` for a blocked attempt, ``{"halt": "changed"}`` when a trading
+        scope was halted or resumed."""
         psycopg = self._psycopg
         try:
             with psycopg.connect(self.url, autocommit=True, **self._kwargs) as conn:

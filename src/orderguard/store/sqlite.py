@@ -450,6 +450,7 @@ class SQLiteStore(Store):
         blocked: bool | None = None,
         reason: BlockReason | None = None,
         since: float | None = None,
+        after_id: int | None = None,
         limit: int = 1000,
     ) -> list[AttemptRecord]:
         clause, params = where_clause([
@@ -459,6 +460,7 @@ class SQLiteStore(Store):
             ("outcome = ?", ["BLOCKED" if blocked else "CLAIMED"], blocked is not None),
             ("reason = ?", [None if reason is None else BlockReason(reason).value], reason is not None),
             ("at >= ?", [since], since is not None),
+            ("id > ?", [after_id], after_id is not None),
         ])
         rows = self._db.read(
             f"SELECT {ATTEMPT_COLUMNS} FROM attempts {clause} ORDER BY id DESC LIMIT ?",

@@ -1,0 +1,108 @@
+"""Live events for ``GET /v1/events``: every intent state change and blocked attempt, from every
+process using the ledger, fanned out to server-sent-event subscribers.
+
+PostgreSQL pushes them (LISTEN/NOTIFY, from every host). SQLite is polled every ``interval``:
+attempts by id (a primary-key range) and the intents created in the last day (newest first,
+until the scan reaches the ones it saw): a state change of an older intent is not streamed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from ..cli_json import plain
+from ..errors import OrderGuardError
+
+if TYPE_CHECKING:
+    from ..store.base import Store
+
+log = logging.getLogger("orderguard.server")
+RECENT = 86_400.0
+LISTEN_SPAN = 2.0  # seconds one LISTEN connection waits before it is renewed
+
+
+class EventHub:
+    """Publishes ``{"type": "intent" | "blocked" | "halts", ...}`` dictionaries to subscribers."""
+
+    def __init__(self, store: Store, *, interval: float = 0.25) -> None:
+        self.store = store
+        self.interval = interval
+        self._subscribers: set[queue.Queue[dict[str, Any]]] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._last_attempt = 0
+        self._states: dict[str, tuple[str, int]] = {}
+        self._halts: list[Any] = []
+        self._thread = threading.Thread(target=self._run, name="orderguard-events", daemon=True)
+
+    def start(self) -> None:
+        latest = self.store.attempts(limit=1)
+        self._last_attempt = latest[0].id if latest else 0
+        for rec in self.store.intents(since=self.store.now() - RECENT, limit=2000):
+            self._states[rec.id] = (rec.state.value, rec.fence)
+        self._halts = self.store.halts()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def subscribe(self) -> queue.Queue[dict[str, Any]]:
+        q: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=1000)
+        with self._lock:
+            self._subscribers.add(q)
+        return q
+
+    def unsubscribe(self, q: queue.Queue[dict[str, Any]]) -> None:
+        with self._lock:
+            self._subscribers.discard(q)
+
+    def publish(self, event: dict[str, Any]) -> None:
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for q in subscribers:
+            with contextlib.suppress(queue.Full):  # a stalled browser loses events, never blocks others
+                q.put_nowait(event)
+
+    # ---------------------------------------------------------------------------- sources
+
+    def _run(self) -> None:
+        listen = getattr(self.store, "listen", None)
+        while not self._stop.is_set():
+            try:
+                if listen is not None:
+                    self._listen(listen)
+                else:
+                    self.poll()
+                    self._stop.wait(self.interval)
+            except OrderGuardError as exc:
+                log.warning("event source failed (%s); retrying", exc)
+                self._stop.wait(1.0)
+
+    def _listen(self, listen: Any) -> None:
+        """PostgreSQL: every notification wakes a poll, so nothing is missed between them."""
+        for _ in listen(timeout=LISTEN_SPAN):
+            self.poll()
+            if self._stop.is_set():
+                return
+        self.poll()  # the span ended: catch anything a reconnect could have missed
+
+    def poll(self) -> None:
+        """Publish what changed since the last poll."""
+        for attempt in reversed(self.store.attempts(after_id=self._last_attempt, limit=500)):
+            self._last_attempt = max(self._last_attempt, attempt.id)
+            if attempt.outcome == "BLOCKED":
+                self.publish({"type": "blocked", "attempt": plain(attempt)})
+        for rec in reversed(self.store.intents(since=self.store.now() - RECENT, limit=500)):
+            key = (rec.state.value, rec.fence)
+            if self._states.get(rec.id) != key:
+                self._states[rec.id] = key
+                self.publish({"type": "intent", "intent": plain(rec)})
+        halts = self.store.halts()
+        if halts != self._halts:
+            self._halts = halts
+            self.publish({"type": "halts", "halts": plain(halts), "at": time.time()})
