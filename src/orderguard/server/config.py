@@ -146,9 +146,9 @@ class ServerConfig(BaseModel):
 
     def check(self) -> None:
         """Build every policy once, so a bad one fails at start, not at the first order."""
-        self.default.policies and self.policies_for("\x00default")
-        for name in self.strategies:
-            self.policies_for(name)
+        for chosen in (self.default, *self.strategies.values()):
+            for spec in chosen.policies:
+                spec.build()
 
 
 def load_config(path: str | Path) -> ServerConfig:
