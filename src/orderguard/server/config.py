@@ -5,6 +5,7 @@ store = "sqlite:////srv/bots/orderguard.db"      # or postgresql://...?schema=..
 broker = "paper:///srv/bots/paper.db"
 bind = "127.0.0.1:8787"
 token_file = "/srv/bots/orderguard.token"       # created 0600 on first start
+store_options = { synchronous = "NORMAL" }        # passed to the store
 alerts = ["log://", "https://hooks.example/og"]
 cors_origins = []                                 # none unless listed
 max_body_bytes = 16384
@@ -119,6 +120,9 @@ class ServerConfig(BaseModel):
     cors_origins: list[str] = Field(default_factory=list)
     max_body_bytes: Annotated[int, Field(gt=0, le=1_048_576)] = 16_384
     runner: str = "orderguard-gateway"
+    # Passed to the store: SQLite `synchronous` ("FULL" or "NORMAL"), `busy_timeout`; PostgreSQL
+    # `schema`, `statement_timeout`, `lock_timeout`, `max_size`.
+    store_options: dict[str, str | int | float] = Field(default_factory=dict)
     default: StrategyPolicies = Field(
         default_factory=lambda: StrategyPolicies(policies=[PolicySpec(kind="once", window="calendar_day")])
     )

@@ -26,7 +26,7 @@ def serve(config_path: str, *, bind: str | None = None, echo: Callable[[str], No
     if created:
         echo(f"bearer token for mutating routes (shown once; kept in {config.token_file}, mode 0600):\n  {token}")
     notifier = Notifier(config.alerts) if config.alerts else None
-    guard = Guard.open(config.store, runner=config.runner, strategy=config.runner, alerts=notifier)
+    guard = Guard.open(config.store, runner=config.runner, strategy=config.runner, alerts=notifier, **config.store_options)
     broker = open_broker(config.broker)
     try:
         app = create_app(config, guard, broker, token)
