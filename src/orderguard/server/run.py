@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from ..alerts import Notifier
 from ..brokers.spec import close_broker, open_broker
+from ..errors import ConfigurationError
 from ..guard import Guard
 from .app import create_app
 from .auth import load_or_create_token
@@ -26,7 +27,12 @@ def serve(config_path: str, *, bind: str | None = None, echo: Callable[[str], No
     if created:
         echo(f"bearer token for mutating routes (shown once; kept in {config.token_file}, mode 0600):\n  {token}")
     notifier = Notifier(config.alerts) if config.alerts else None
-    guard = Guard.open(config.store, runner=config.runner, strategy=config.runner, alerts=notifier, **config.store_options)
+    try:
+        guard = Guard.open(
+            config.store, runner=config.runner, strategy=config.runner, alerts=notifier, **config.store_options
+        )
+    except TypeError as exc:  # an option the store does not take
+        raise ConfigurationError(f"store_options: {exc}") from None
     broker = open_broker(config.broker)
     try:
         app = create_app(config, guard, broker, token)
