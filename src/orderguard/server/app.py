@@ -8,8 +8,8 @@ number with a fraction is refused as inexact, like a float in Python.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import queue
 import time
 from importlib import resources
 from typing import TYPE_CHECKING, Annotated, Any
@@ -19,6 +19,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..claim import Outcome
 from ..cli_json import plain
@@ -135,13 +136,24 @@ class _TooLarge(Exception):
 
 def create_app(config: ServerConfig, guard: Guard, broker: Broker, token: str, *, events: bool = True) -> FastAPI:
     """The gateway for one guard and broker. ``token`` guards every mutating route."""
+    metrics = Metrics(guard.store)
+    hub = EventHub(guard.store)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if events:
+            hub.start()
+        try:
+            yield
+        finally:
+            hub.stop()
+
     app = FastAPI(
         title="orderguard gateway",
         version=str(SCHEMA_VERSION),
         description="Send each order intent at most once, over HTTP. Mutating routes need a bearer token.",
+        lifespan=lifespan,
     )
-    metrics = Metrics(guard.store)
-    hub = EventHub(guard.store)
     policies: dict[str, list[Policy]] = {}
     app.state.guard, app.state.hub, app.state.metrics = guard, hub, metrics
 
@@ -153,15 +165,6 @@ def create_app(config: ServerConfig, guard: Guard, broker: Broker, token: str, *
             allow_headers=["Authorization", "Content-Type"],
         )
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
-
-    if events:
-        @app.on_event("startup")
-        def _start_events() -> None:
-            hub.start()
-
-        @app.on_event("shutdown")
-        def _stop_events() -> None:
-            hub.stop()
 
     def policies_for(strategy: str) -> list[Policy]:
         if strategy not in policies:  # built once per strategy (a trading calendar loads slowly)
@@ -189,9 +192,9 @@ def create_app(config: ServerConfig, guard: Guard, broker: Broker, token: str, *
         field = ".".join(loc) or None
         return _error(422, "invalid_request", f"{field or 'body'}: {first.get('msg', 'invalid')}; nothing was recorded", field)
 
-    @app.exception_handler(HTTPException)
-    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
-        error = {401: "unauthorized", 404: "not_found"}.get(exc.status_code, "error")
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "error")
         return JSONResponse(
             status_code=exc.status_code, content={"error": error, "message": str(exc.detail), "field": None},
             headers={"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None,
@@ -285,7 +288,7 @@ def create_app(config: ServerConfig, guard: Guard, broker: Broker, token: str, *
         )
         return {"halt": plain(record)}
 
-    @app.delete("/v1/halts/{scope}", responses=responses, dependencies=[Depends(authorized)])
+    @app.delete("/v1/halts/{scope:path}", responses=responses, dependencies=[Depends(authorized)])
     def resume(scope: str, reason: Annotated[str, Query(min_length=1, max_length=500)], by: str | None = None) -> dict[str, Any]:
         """Set a trading scope back to ACTIVE (404 when it is not halted)."""
         canonical = canonical_halt_scope(scope)
@@ -301,20 +304,30 @@ def create_app(config: ServerConfig, guard: Guard, broker: Broker, token: str, *
     @app.get("/v1/events", response_class=StreamingResponse)
     async def stream(request: Request) -> StreamingResponse:
         """Server-sent events: ``intent`` (a state change), ``blocked`` (an attempt), ``halts``."""
-        subscription = hub.subscribe()
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1000)
+
+        def put(event: dict[str, Any]) -> None:
+            with contextlib.suppress(asyncio.QueueFull):  # a stalled client loses events, never blocks others
+                inbox.put_nowait(event)
+
+        def deliver(event: dict[str, Any]) -> None:  # called on the hub's thread
+            loop.call_soon_threadsafe(put, event)
+
+        hub.subscribe(deliver)
 
         async def events() -> AsyncIterator[str]:
             try:
                 yield "retry: 1000\n\n"
                 while not await request.is_disconnected():
                     try:
-                        event = await asyncio.to_thread(subscription.get, True, 1.0)
-                    except queue.Empty:
+                        event = await asyncio.wait_for(inbox.get(), timeout=1.0)
+                    except TimeoutError:
                         yield ": keep-alive\n\n"
                         continue
                     yield f"event: {event['type']}\ndata: {json.dumps(event, default=str)}\n\n"
             finally:
-                hub.unsubscribe(subscription)
+                hub.unsubscribe(deliver)
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 

@@ -8,9 +8,7 @@ until the scan reaches the ones it saw): a state change of an older intent is no
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import queue
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -19,6 +17,8 @@ from ..cli_json import plain
 from ..errors import OrderGuardError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ..store.base import Store
 
 log = logging.getLogger("orderguard.server")
@@ -32,7 +32,7 @@ class EventHub:
     def __init__(self, store: Store, *, interval: float = 0.25) -> None:
         self.store = store
         self.interval = interval
-        self._subscribers: set[queue.Queue[dict[str, Any]]] = set()
+        self._subscribers: set[Callable[[dict[str, Any]], None]] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._last_attempt = 0
@@ -51,22 +51,24 @@ class EventHub:
     def stop(self) -> None:
         self._stop.set()
 
-    def subscribe(self) -> queue.Queue[dict[str, Any]]:
-        q: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=1000)
+    def subscribe(self, deliver: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+        """Call ``deliver(event)`` (from the hub's thread; it must not block) for every event."""
         with self._lock:
-            self._subscribers.add(q)
-        return q
+            self._subscribers.add(deliver)
+        return deliver
 
-    def unsubscribe(self, q: queue.Queue[dict[str, Any]]) -> None:
+    def unsubscribe(self, deliver: Callable[[dict[str, Any]], None]) -> None:
         with self._lock:
-            self._subscribers.discard(q)
+            self._subscribers.discard(deliver)
 
     def publish(self, event: dict[str, Any]) -> None:
         with self._lock:
             subscribers = list(self._subscribers)
-        for q in subscribers:
-            with contextlib.suppress(queue.Full):  # a stalled browser loses events, never blocks others
-                q.put_nowait(event)
+        for deliver in subscribers:
+            try:
+                deliver(event)
+            except Exception:  # one broken subscriber never stops the others
+                log.exception("event subscriber failed")
 
     # ---------------------------------------------------------------------------- sources
 
