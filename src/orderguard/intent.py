@@ -87,7 +87,16 @@ def _check_text(value: str, what: str, limit: int) -> str:
         raise ValueError(f"{what} is {len(value)} characters; the limit is {limit}")
     if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
         raise ValueError(f"{what} contains control characters")
+    _check_unicode(value, what)
     return value
+
+
+def _check_unicode(value: str, what: str) -> None:
+    """A lone surrogate (JSON ``"\\ud800"``) is not text: it cannot be stored, keyed or sent."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} contains characters that are not valid Unicode (a lone surrogate)") from None
 
 
 def canonical_decimal(value: Decimal | None) -> str:
@@ -178,6 +187,7 @@ class OrderIntent(BaseModel):
             _check_text(key, "tag name", 32)
             if len(text) > MAX_TAG_VALUE:
                 raise ValueError(f"tag {key!r} is longer than {MAX_TAG_VALUE} characters")
+            _check_unicode(text, f"tag {key!r}")
         return value
 
     @model_validator(mode="after")

@@ -406,6 +406,10 @@ def parse_halt_scope(text: str) -> tuple[tuple[str, str], ...]:
     Raises InvalidPolicy for anything else (unknown fields, empty values, a field twice).
     """
     text = text.strip()
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidPolicy("a trading scope must be valid Unicode text (it holds a lone surrogate)") from None
     if text.lower() in (GLOBAL_SCOPE, "*"):
         return ()
     if not text or len(text) > 512:

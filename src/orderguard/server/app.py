@@ -15,10 +15,9 @@ from importlib import resources
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..claim import Outcome
@@ -42,7 +41,7 @@ from .events import EventHub
 from .metrics import Metrics
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Callable
 
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -87,6 +86,23 @@ class HaltIn(BaseModel):
     scope: StrictStr = Field(description="'global' or field=value pairs joined by ','")
     reason: Annotated[StrictStr, Field(min_length=1, max_length=500)]
     reducing: bool = False
+
+    @field_validator("reason")
+    @classmethod
+    def _said(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must say why (it is what the next operator reads)")
+        return value
+
+    @field_validator("scope", "reason", "by")
+    @classmethod
+    def _text(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("must be valid Unicode text (it holds a lone surrogate)") from None
+        return value
     by: StrictStr | None = Field(default=None, max_length=100)
 
 
@@ -101,41 +117,55 @@ def _error(status: int, error: str, message: str, field: str | None = None) -> J
 
 
 class BodyLimit:
-    """ASGI middleware: refuse a body larger than ``limit`` bytes (declared or streamed) with 413."""
+    """ASGI middleware: refuse a body larger than ``limit`` bytes (declared or streamed) with 413.
+
+    The body is read (up to the limit) before the app runs, so an oversized one is refused whole
+    and nothing of it reaches a route.
+    """
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
+        too_large = _error(413, "body_too_large", f"request bodies are limited to {self.limit} bytes; nothing was recorded")
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            await _error(413, "body_too_large", f"request bodies are limited to {self.limit} bytes")(scope, receive, send)
+            await too_large(scope, receive, send)
             return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
+        chunks: list[bytes] = []
+        size = 0
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge
-            return message
+            if message["type"] == "http.disconnect":
+                return
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                await too_large(scope, receive, send)
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        replayed = False
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await _error(413, "body_too_large", f"request bodies are limited to {self.limit} bytes")(scope, receive, send)
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
 
-class _TooLarge(Exception):
-    pass
-
-
-def create_app(config: ServerConfig, guard: Guard, broker: Broker, token: str, *, events: bool = True) -> FastAPI:
-    """The gateway for one guard and broker. ``token`` guards every mutating route."""
+def create_app(
+    config: ServerConfig, guard: Guard, broker: Broker, token: str, *, events: bool = True,
+    on_close: Callable[[], None] | None = None,
+) -> FastAPI:
+    """The gateway for one guard and broker. ``token`` guards every mutating route; ``on_close``
+    runs at shutdown (closing the guard and broker)."""
     metrics = Metrics(guard.store)
     hub = EventHub(guard.store)
 
@@ -147,6 +177,8 @@ def create_app(config: ServerConfig, guard: Guard, broker: Broker, token: str, *
             yield
         finally:
             hub.stop()
+            if on_close is not None:
+                on_close()
 
     app = FastAPI(
         title="orderguard gateway",
@@ -171,7 +203,7 @@ def create_app(config: ServerConfig, guard: Guard, broker: Broker, token: str, *
             policies[strategy] = config.policies_for(strategy)
         return policies[strategy]
 
-    def authorized(authorization: Annotated[str | None, Header()] = None) -> None:
+    async def authorized(authorization: Annotated[str | None, Header()] = None) -> None:  # async: no thread hop
         if not token_matches(authorization, token):
             raise HTTPException(status_code=401, detail="a valid 'Authorization: Bearer <token>' header is required")
 
@@ -195,9 +227,12 @@ def create_app(config: ServerConfig, guard: Guard, broker: Broker, token: str, *
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         error = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "error")
+        headers = dict(exc.headers or {})
+        if exc.status_code == 401:
+            headers["WWW-Authenticate"] = "Bearer"
         return JSONResponse(
             status_code=exc.status_code, content={"error": error, "message": str(exc.detail), "field": None},
-            headers={"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None,
+            headers=headers or None,
         )
 
     @app.exception_handler(OrderGuardError)
@@ -237,7 +272,7 @@ def create_app(config: ServerConfig, guard: Guard, broker: Broker, token: str, *
             "intent": plain(result.intent) if result.intent else None,
         }
         status = {Outcome.SENT: 201, Outcome.BLOCKED: 409, Outcome.NOT_SENT: 503}[result.outcome]
-        return JSONResponse(status_code=status, content=jsonable_encoder(document))
+        return JSONResponse(status_code=status, content=document)  # plain() made it JSON-ready
 
     @app.get("/v1/intents")
     def list_intents(
@@ -288,9 +323,15 @@ def create_app(config: ServerConfig, guard: Guard, broker: Broker, token: str, *
         )
         return {"halt": plain(record)}
 
-    @app.delete("/v1/halts/{scope:path}", responses=responses, dependencies=[Depends(authorized)])
-    def resume(scope: str, reason: Annotated[str, Query(min_length=1, max_length=500)], by: str | None = None) -> dict[str, Any]:
+    @app.delete("/v1/halts/{scope:path}", responses=responses, dependencies=[Depends(authorized)], response_model=None)
+    def resume(
+        scope: str, reason: Annotated[str, Query(min_length=1, max_length=500)], by: str | None = None
+    ) -> dict[str, Any] | JSONResponse:
         """Set a trading scope back to ACTIVE (404 when it is not halted)."""
+        if not reason.strip():
+            return _error(422, "invalid_request", "reason: must say why (it is what the next operator reads)", "reason")
+        if not all(_is_text(v) for v in (scope, reason, by or "")):
+            return _error(422, "invalid_request", "scope, reason and by must be valid Unicode text", None)
         canonical = canonical_halt_scope(scope)
         if not any(h.scope == canonical for h in guard.store.halts()):
             raise HTTPException(status_code=404, detail=f"{canonical} is not halted")
@@ -352,6 +393,14 @@ def create_app(config: ServerConfig, guard: Guard, broker: Broker, token: str, *
         return HTMLResponse(page, headers={"Cache-Control": "no-store"})
 
     return app
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _holder(holder: Any) -> dict[str, Any] | None:

@@ -24,7 +24,6 @@ policies = [
 from __future__ import annotations
 
 import tomllib
-from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -45,6 +44,7 @@ from ..policies import (
     RateLimit,
     TradingDay,
     Window,
+    as_policies,
 )
 
 DEFAULT_PORT = 8787
@@ -79,7 +79,7 @@ class PolicySpec(BaseModel):
             if self.kind == "rate":
                 return RateLimit(int(self._need(self.n, "n")), self._need(self.per_seconds, "per_seconds"),
                                  by=by or ("strategy",), trip=self.trip)
-            return NotionalLimit(Decimal(str(self._need(self.amount, "amount"))), self._need(self.per_seconds, "per_seconds"),
+            return NotionalLimit(str(self._need(self.amount, "amount")), self._need(self.per_seconds, "per_seconds"),
                                  by=by or ("strategy",), trip=self.trip)
         except InvalidPolicy as exc:
             raise ConfigurationError(f"policy {self.model_dump(exclude_defaults=True)}: {exc}") from None
@@ -150,9 +150,11 @@ class ServerConfig(BaseModel):
 
     def check(self) -> None:
         """Build every policy once, so a bad one fails at start, not at the first order."""
-        for chosen in (self.default, *self.strategies.values()):
-            for spec in chosen.policies:
-                spec.build()
+        for name, chosen in (("default", self.default), *self.strategies.items()):
+            try:
+                as_policies([spec.build() for spec in chosen.policies])
+            except InvalidPolicy as exc:
+                raise ConfigurationError(f"policies of {name}: {exc}") from None
 
 
 def load_config(path: str | Path) -> ServerConfig:

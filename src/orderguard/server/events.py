@@ -2,8 +2,8 @@
 process using the ledger, fanned out to server-sent-event subscribers.
 
 PostgreSQL pushes them (LISTEN/NOTIFY, from every host). SQLite is polled every ``interval``:
-attempts by id (a primary-key range) and the intents created in the last day (newest first,
-until the scan reaches the ones it saw): a state change of an older intent is not streamed.
+attempts by id (a primary-key range) and intents changed since the last poll. Nothing is polled
+while nobody is subscribed, and a new subscriber starts from now.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from ..store.base import Store
 
 log = logging.getLogger("orderguard.server")
-RECENT = 86_400.0
 LISTEN_SPAN = 2.0  # seconds one LISTEN connection waits before it is renewed
 
 
@@ -33,28 +32,41 @@ class EventHub:
         self.store = store
         self.interval = interval
         self._subscribers: set[Callable[[dict[str, Any]], None]] = set()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the subscriber set
+        self._poll_lock = threading.Lock()  # one poll (or baseline) at a time
         self._stop = threading.Event()
         self._last_attempt = 0
         self._states: dict[str, tuple[str, int]] = {}
         self._halts: list[Any] = []
+        self._since = 0.0  # store clock of the last poll (intents changed since are looked at)
+        self._idle = True
         self._thread = threading.Thread(target=self._run, name="orderguard-events", daemon=True)
 
     def start(self) -> None:
+        self._thread.start()
+
+    def _baseline(self) -> None:
+        """Start from now: what happened while nobody listened is not replayed."""
         latest = self.store.attempts(limit=1)
         self._last_attempt = latest[0].id if latest else 0
-        for rec in self.store.intents(since=self.store.now() - RECENT, limit=2000):
-            self._states[rec.id] = (rec.state.value, rec.fence)
+        self._since = self.store.now()
+        self._states.clear()
         self._halts = self.store.halts()
-        self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
 
     def subscribe(self, deliver: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
-        """Call ``deliver(event)`` (from the hub's thread; it must not block) for every event."""
-        with self._lock:
-            self._subscribers.add(deliver)
+        """Call ``deliver(event)`` (from the hub's thread; it must not block) for every event from
+        now on: the first subscriber after a quiet spell sets "now" here, in the caller."""
+        with self._poll_lock:
+            with self._lock:
+                first = not self._subscribers
+            if first and self._idle:
+                self._baseline()
+                self._idle = False
+            with self._lock:
+                self._subscribers.add(deliver)
         return deliver
 
     def unsubscribe(self, deliver: Callable[[dict[str, Any]], None]) -> None:
@@ -76,6 +88,13 @@ class EventHub:
         listen = getattr(self.store, "listen", None)
         while not self._stop.is_set():
             try:
+                with self._poll_lock, self._lock:
+                    idle = not self._subscribers
+                    if idle:  # nobody listens: no polling, no LISTEN connection
+                        self._idle = True
+                if idle:
+                    self._stop.wait(self.interval)
+                    continue
                 if listen is not None:
                     self._listen(listen)
                 else:
@@ -95,15 +114,26 @@ class EventHub:
 
     def poll(self) -> None:
         """Publish what changed since the last poll."""
+        with self._poll_lock:
+            self._poll()
+
+    def _poll(self) -> None:
         for attempt in reversed(self.store.attempts(after_id=self._last_attempt, limit=500)):
             self._last_attempt = max(self._last_attempt, attempt.id)
             if attempt.outcome == "BLOCKED":
                 self.publish({"type": "blocked", "attempt": plain(attempt)})
-        for rec in reversed(self.store.intents(since=self.store.now() - RECENT, limit=500)):
+        now = self.store.now()
+        # A change committed with an earlier clock reading than this poll's can land just after
+        # it: look one second back, and let the (state, fence) memory drop what was sent already.
+        for rec in reversed(self.store.intents(updated_since=self._since - 1.0, limit=500)):
             key = (rec.state.value, rec.fence)
             if self._states.get(rec.id) != key:
                 self._states[rec.id] = key
                 self.publish({"type": "intent", "intent": plain(rec)})
+        self._since = now
+        if len(self._states) > 10_000:  # forget the oldest half: they are long settled
+            for stale in sorted(self._states)[:5_000]:
+                del self._states[stale]
         halts = self.store.halts()
         if halts != self._halts:
             self._halts = halts

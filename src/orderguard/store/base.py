@@ -429,9 +429,10 @@ class Store(ABC):
         states: Sequence[State] | None = None,
         strategy: str | None = None,
         since: float | None = None,
+        updated_since: float | None = None,
         limit: int = 1000,
     ) -> list[IntentRecord]:
-        """Intents, newest first."""
+        """Intents, newest first (``since``: created then or later; ``updated_since``: changed then or later)."""
 
     @abstractmethod
     def attempts(

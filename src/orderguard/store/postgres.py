@@ -622,12 +622,14 @@ class PostgresStore(Store):
         states: Sequence[State] | None = None,
         strategy: str | None = None,
         since: float | None = None,
+        updated_since: float | None = None,
         limit: int = 1000,
     ) -> list[IntentRecord]:
         clause, params = where_clause([
             ("state = ANY(%s)", [[State(x).value for x in states or ()]], bool(states)),
             ("strategy = %s", [strategy], strategy is not None),
             ("created_at >= %s", [since], since is not None),
+            ("updated_at >= %s", [updated_since], updated_since is not None),
         ])
         with self._tx("read") as conn:
             rows = conn.execute(

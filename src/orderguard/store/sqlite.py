@@ -429,12 +429,14 @@ class SQLiteStore(Store):
         states: Sequence[State] | None = None,
         strategy: str | None = None,
         since: float | None = None,
+        updated_since: float | None = None,
         limit: int = 1000,
     ) -> list[IntentRecord]:
         clause, params = where_clause([
             (f"state IN ({', '.join('?' * len(states or ()))})", [State(x).value for x in states or ()], bool(states)),
             ("strategy = ?", [strategy], strategy is not None),
             ("created_at >= ?", [since], since is not None),
+            ("updated_at >= ?", [updated_since], updated_since is not None),
         ])
         rows = self._db.read(
             f"SELECT {INTENT_COLUMNS} FROM intents {clause} ORDER BY id DESC LIMIT ?",
