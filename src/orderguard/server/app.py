@@ -230,6 +230,8 @@ def create_app(
         headers = dict(exc.headers or {})
         if exc.status_code == 401:
             headers["WWW-Authenticate"] = "Bearer"
+        if exc.status_code == 405:  # every method of the path, not only those of the route that matched
+            headers["Allow"] = ", ".join(_methods_of(app, request.scope))
         return JSONResponse(
             status_code=exc.status_code, content={"error": error, "message": str(exc.detail), "field": None},
             headers=headers or None,
@@ -393,6 +395,18 @@ def create_app(
         return HTMLResponse(page, headers={"Cache-Control": "no-store"})
 
     return app
+
+
+def _methods_of(app: FastAPI, scope: Scope) -> list[str]:
+    """The methods the routes of a request's path answer (GET and POST /v1/intents are two routes)."""
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches(scope)
+        if match is not Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
 
 
 def _is_text(value: str) -> bool:
