@@ -6,9 +6,6 @@ Real components throughout: SQLite ledger files in ``tmp_path``, a PostgreSQL sc
 (dropped afterwards), a real PaperBroker venue file, uvicorn on a loopback port wherever
 concurrency or streaming matters (FastAPI's TestClient for plain request/response checks), and
 subprocesses with their own Guard for "another process".
-
-Tests marked ``xfail(strict=True, reason="BUG: ...")`` pin a defect of the gateway: they pass
-once it is fixed (and then fail as XPASS, so the mark gets removed).
 """
 
 from __future__ import annotations
@@ -632,7 +629,7 @@ def test_healthz_and_submit_are_503_when_the_ledger_clock_fails(make_gateway: Ga
     assert gw.broker.orders() == []
 
 
-# ------------------------------------------------------------------- known defects (xfail)
+# ------------------------------------------- blank reasons, invalid Unicode (found by these tests)
 
 
 def test_blank_halt_reason_is_422(gw: Gateway) -> None:

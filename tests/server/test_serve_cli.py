@@ -2,8 +2,6 @@
 world-readable file refused, compared in constant time), the TOML config (valid files give the
 right policies, bad ones a ConfigurationError with a clear message), and the real CLI in a
 subprocess on a free loopback port.
-
-Tests marked ``xfail(strict=True, reason="BUG: ...")`` pin a defect; they pass once it is fixed.
 """
 
 from __future__ import annotations
