@@ -143,12 +143,13 @@ class Breakers:
         cause: HaltCause = HaltCause.OPERATOR,
         keep_existing: bool = False,
         notify: bool = True,
+        actor: str | None = None,
     ) -> HaltRecord | None:
         """See :meth:`Guard.halt`."""
         scope = canonical_halt_scope(scope)
         state = TradingState.REDUCING if reducing else TradingState.HALTED
         record = self.store.set_trading_state(
-            scope, state, cause=cause, reason=reason, actor=self.actor(), keep_existing=keep_existing
+            scope, state, cause=cause, reason=reason, actor=actor or self.actor(), keep_existing=keep_existing
         )
         if keep_existing and record is not None and (record.cause, record.reason) != (cause, reason.strip()):
             return None  # it was already halted: its first cause stands
@@ -157,7 +158,9 @@ class Breakers:
             self.alerts.notify(AlertKind.HALTED, scope, f"{state.value} {scope} ({cause.value}): {reason}")
         return record
 
-    def resume(self, scope: str, *, reason: str) -> None:
+    def resume(self, scope: str, *, reason: str, actor: str | None = None) -> None:
+        scope = canonical_halt_scope(scope)
         self.store.set_trading_state(
-            canonical_halt_scope(scope), TradingState.ACTIVE, cause=HaltCause.OPERATOR, reason=reason, actor=self.actor()
+            scope, TradingState.ACTIVE, cause=HaltCause.OPERATOR, reason=reason, actor=actor or self.actor()
         )
+        log.warning("ACTIVE %s again (%s: %s)", scope, actor or self.actor(), reason)

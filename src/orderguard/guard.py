@@ -251,16 +251,20 @@ class Guard:
         reducing: bool = False,
         cause: HaltCause = HaltCause.OPERATOR,
         keep_existing: bool = False,
+        actor: str | None = None,
     ) -> HaltRecord | None:
         """Kill switch: HALT (or, with ``reducing=True``, allow only position-shrinking orders in)
         a trading scope — ``"global"``, ``"strategy=x"``, ``"account=a,symbol=SPX"`` — for every
         process and host using this ledger, until :meth:`resume`. ``keep_existing``: a scope
-        already HALTED keeps its first cause and nothing is written (returns None)."""
-        return self.breakers.halt(scope, reason=reason, reducing=reducing, cause=cause, keep_existing=keep_existing)
+        already HALTED keeps its first cause and nothing is written (returns None). ``actor``:
+        who, recorded with it (default: this runner). Logged and alerted."""
+        return self.breakers.halt(
+            scope, reason=reason, reducing=reducing, cause=cause, keep_existing=keep_existing, actor=actor
+        )
 
-    def resume(self, scope: str, *, reason: str) -> None:
+    def resume(self, scope: str, *, reason: str, actor: str | None = None) -> None:
         """Set a trading scope back to ACTIVE (recorded with who and why)."""
-        self.breakers.resume(scope, reason=reason)
+        self.breakers.resume(scope, reason=reason, actor=actor)
 
     def halts(self) -> list[HaltRecord]:
         """Trading scopes that are not ACTIVE."""

@@ -91,12 +91,19 @@ def _check_text(value: str, what: str, limit: int) -> str:
     return value
 
 
-def _check_unicode(value: str, what: str) -> None:
-    """A lone surrogate (JSON ``"\\ud800"``) is not text: it cannot be stored, keyed or sent."""
+def is_text(value: str) -> bool:
+    """False for a string holding a lone surrogate (JSON ``"\\ud800"``): not text, so it cannot be
+    stored, keyed or sent."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise ValueError(f"{what} contains characters that are not valid Unicode (a lone surrogate)") from None
+        return False
+    return True
+
+
+def _check_unicode(value: str, what: str) -> None:
+    if not is_text(value):
+        raise ValueError(f"{what} contains characters that are not valid Unicode (a lone surrogate)")
 
 
 def canonical_decimal(value: Decimal | None) -> str:

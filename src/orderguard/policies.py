@@ -22,7 +22,7 @@ from urllib.parse import quote, unquote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .errors import ClockError, InvalidIntent, InvalidPolicy
-from .intent import INTENT_FIELDS, OrderIntent
+from .intent import INTENT_FIELDS, OrderIntent, is_text
 
 DEFAULT_BY: tuple[str, ...] = ("account", "strategy", "symbol", "side")
 
@@ -406,10 +406,8 @@ def parse_halt_scope(text: str) -> tuple[tuple[str, str], ...]:
     Raises InvalidPolicy for anything else (unknown fields, empty values, a field twice).
     """
     text = text.strip()
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidPolicy("a trading scope must be valid Unicode text (it holds a lone surrogate)") from None
+    if not is_text(text):
+        raise InvalidPolicy("a trading scope must be valid Unicode text (it holds a lone surrogate)")
     if text.lower() in (GLOBAL_SCOPE, "*"):
         return ()
     if not text or len(text) > 512:

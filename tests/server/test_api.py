@@ -1107,3 +1107,21 @@ def test_fuzz_without_token(case: Any, fuzz_target: Fuzzed) -> None:
         return
     _fuzz(case, fuzz_target, {})
 
+
+
+def test_halts_over_http_go_through_the_guard_logged_with_who_and_why(
+    gw: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="orderguard"):
+        r = gw.client.post("/v1/halts", json={"scope": "strategy=x", "reason": "desk stop", "by": "alice"}, headers=AUTH)
+        assert r.status_code == 201, r.text
+        assert gw.client.delete("/v1/halts/strategy=x", params={"reason": "clear"}, headers=AUTH).status_code == 200
+    lines = [rec.getMessage() for rec in caplog.records]
+    assert any(line.startswith("HALTED strategy=x (OPERATOR): desk stop") for line in lines), lines
+    assert any("ACTIVE strategy=x again (operator via gateway: clear)" in line for line in lines), lines
+    history = gw.guard.store.halt_history()
+    assert [(e.state.value, e.actor, e.reason) for e in history] == [
+        ("ACTIVE", "operator via gateway", "clear"), ("HALTED", "alice", "desk stop"),
+    ]

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..claim import Outcome
@@ -31,7 +31,6 @@ from ..errors import (
     OrderGuardError,
     StoreError,
 )
-from ..halts import HaltCause, TradingState
 from ..intent import OrderIntent
 from ..policies import canonical_halt_scope
 from ..states import State  # noqa: TC001 (FastAPI reads the annotations at runtime)
@@ -51,6 +50,7 @@ if TYPE_CHECKING:
     from .config import ServerConfig
 
 Amount = StrictStr | StrictInt
+GATEWAY_ACTOR = "operator via gateway"
 _AMOUNTS = frozenset({"quantity", "limit_price", "stop_price", "reference_price"})
 
 
@@ -86,23 +86,6 @@ class HaltIn(BaseModel):
     scope: StrictStr = Field(description="'global' or field=value pairs joined by ','")
     reason: Annotated[StrictStr, Field(min_length=1, max_length=500)]
     reducing: bool = False
-
-    @field_validator("reason")
-    @classmethod
-    def _said(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must say why (it is what the next operator reads)")
-        return value
-
-    @field_validator("scope", "reason", "by")
-    @classmethod
-    def _text(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise ValueError("must be valid Unicode text (it holds a lone surrogate)") from None
-        return value
     by: StrictStr | None = Field(default=None, max_length=100)
 
 
@@ -319,27 +302,18 @@ def create_app(
     @app.post("/v1/halts", status_code=201, responses=responses, dependencies=[Depends(authorized)])
     def halt(body: HaltIn) -> dict[str, Any]:
         """Halt (or, with reducing, allow only position-shrinking orders in) a trading scope."""
-        record = guard.store.set_trading_state(
-            canonical_halt_scope(body.scope), TradingState.REDUCING if body.reducing else TradingState.HALTED,
-            cause=HaltCause.OPERATOR, reason=body.reason, actor=body.by or "operator via gateway",
-        )
+        record = guard.halt(body.scope, reason=body.reason, reducing=body.reducing, actor=body.by or GATEWAY_ACTOR)
         return {"halt": plain(record)}
 
-    @app.delete("/v1/halts/{scope:path}", responses=responses, dependencies=[Depends(authorized)], response_model=None)
+    @app.delete("/v1/halts/{scope:path}", responses=responses, dependencies=[Depends(authorized)])
     def resume(
         scope: str, reason: Annotated[str, Query(min_length=1, max_length=500)], by: str | None = None
-    ) -> dict[str, Any] | JSONResponse:
+    ) -> dict[str, Any]:
         """Set a trading scope back to ACTIVE (404 when it is not halted)."""
-        if not reason.strip():
-            return _error(422, "invalid_request", "reason: must say why (it is what the next operator reads)", "reason")
-        if not all(_is_text(v) for v in (scope, reason, by or "")):
-            return _error(422, "invalid_request", "scope, reason and by must be valid Unicode text", None)
         canonical = canonical_halt_scope(scope)
         if not any(h.scope == canonical for h in guard.store.halts()):
             raise HTTPException(status_code=404, detail=f"{canonical} is not halted")
-        guard.store.set_trading_state(
-            canonical, TradingState.ACTIVE, cause=HaltCause.OPERATOR, reason=reason, actor=by or "operator via gateway"
-        )
+        guard.resume(canonical, reason=reason, actor=by or GATEWAY_ACTOR)
         return {"scope": canonical, "state": "ACTIVE"}
 
     # ---------------------------------------------------------------- live and health
@@ -407,14 +381,6 @@ def _methods_of(app: FastAPI, scope: Scope) -> list[str]:
         if match is not Match.NONE:
             methods |= set(getattr(route, "methods", None) or ())
     return sorted(methods)
-
-
-def _is_text(value: str) -> bool:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _holder(holder: Any) -> dict[str, Any] | None:

@@ -471,10 +471,14 @@ class Store(ABC):
         """HALT, REDUCE or resume (ACTIVE) a trading scope; recorded with who and why.
         Returns the scope's halt afterwards (None once ACTIVE). ``keep_existing``: a scope
         already HALTED keeps its first cause (automatic halts)."""
+        from ..errors import InvalidPolicy
+        from ..intent import is_text
         from . import control
 
         if not reason.strip():
-            raise ValueError("a halt or resume needs a reason (it is what the next operator reads)")
+            raise InvalidPolicy("a halt or resume needs a reason (it is what the next operator reads)")
+        if not (is_text(reason) and is_text(actor)):
+            raise InvalidPolicy("a halt's reason and actor must be valid Unicode text (one holds a lone surrogate)")
         return self._control(
             "halt",
             lambda x, now: control.set_state(x, scope, state, cause, reason.strip(), actor, now, keep_existing=keep_existing),
