@@ -1,7 +1,7 @@
 """The control plane both SQL stores share: halts, risk limits, runners and leader leases.
 
-Written once with ``?`` placeholders against a tiny ``Exec`` callable (one statement, all
-rows back), run by each store inside its own transaction: SQLite's ``BEGIN IMMEDIATE`` or a
+Its tables are schema version 2 (store/schema.py). Written once with ``?`` placeholders against a
+tiny ``Exec`` callable (one statement, all rows back), run by each store inside its own transaction: SQLite's ``BEGIN IMMEDIATE`` or a
 PostgreSQL transaction, where the upserts on ``scopes``/``leases`` rows serialise claimers of
 one scope or lease (transaction-scoped row locks only).
 """
@@ -19,7 +19,7 @@ from ..policies import ScopeKind, canonical_halt_scope
 from ..runners import Lease, LeaseRequest, RunnerRecord
 from .base import BlockReason, ClaimDecision, explain_block, unknown_from_earlier_window
 from .rows import attempt_row
-from .schema_sqlite import ATTEMPT_COLUMNS
+from .schema import ATTEMPT_COLUMNS
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -29,60 +29,6 @@ if TYPE_CHECKING:
     from .base import Caller, IntentRecord
 
     Exec = Callable[[str, Sequence[Any]], list[Any]]
-
-SCHEMA_V2 = """
-CREATE TABLE IF NOT EXISTS halts (
-    scope  TEXT PRIMARY KEY,
-    state  TEXT NOT NULL,
-    cause  TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    actor  TEXT NOT NULL,
-    at     {real} NOT NULL
-);
-CREATE TABLE IF NOT EXISTS halt_events (
-    id     {serial} PRIMARY KEY,
-    at     {real} NOT NULL,
-    scope  TEXT NOT NULL,
-    state  TEXT NOT NULL,
-    cause  TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    actor  TEXT NOT NULL
-);
--- One row per claimed intent per risk-limit scope, pruned past the limit's period.
-CREATE TABLE IF NOT EXISTS limit_events (
-    scope_key TEXT NOT NULL,
-    at        {real} NOT NULL,
-    intent_id TEXT NOT NULL,
-    notional  TEXT NOT NULL,
-    PRIMARY KEY (scope_key, at, intent_id)
-);
--- What REDUCING reads: the ledger's position in one account and symbol.
-CREATE INDEX IF NOT EXISTS intents_position ON intents(account, symbol);
-CREATE TABLE IF NOT EXISTS runners (
-    id              TEXT PRIMARY KEY,
-    runner          TEXT NOT NULL,
-    strategy        TEXT NOT NULL,
-    host            TEXT NOT NULL,
-    pid             INTEGER NOT NULL,
-    started         TEXT NOT NULL,
-    version         TEXT NOT NULL,
-    fingerprint     TEXT NOT NULL,
-    git_commit      TEXT,
-    modules         TEXT NOT NULL,
-    exclusive       TEXT,
-    heartbeat_every {real} NOT NULL,
-    registered_at   {real} NOT NULL,
-    heartbeat_at    {real} NOT NULL,
-    stopped_at      {real}
-);
-CREATE TABLE IF NOT EXISTS leases (
-    name        TEXT PRIMARY KEY,
-    holder      TEXT NOT NULL,
-    fence       BIGINT NOT NULL,
-    expires_at  {real} NOT NULL,
-    acquired_at {real} NOT NULL
-);
-"""
 
 _ATTEMPT_COLS = ATTEMPT_COLUMNS.removeprefix("id, ")
 INSERT_ATTEMPT = f"INSERT INTO attempts({_ATTEMPT_COLS}) VALUES ({', '.join('?' * len(_ATTEMPT_COLS.split(',')))}) RETURNING id"

@@ -61,8 +61,7 @@ from .rows import (
     new_intent_record,
     where_clause,
 )
-from .schema_postgres import SCHEMA_V1
-from .schema_sqlite import ATTEMPT_COLUMNS, INTENT_COLUMNS
+from .schema import ATTEMPT_COLUMNS, INTENT_COLUMNS, POSTGRES
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
@@ -77,7 +76,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("orderguard")
 T = TypeVar("T")
-SCHEMA_V2 = control.SCHEMA_V2.format(real="DOUBLE PRECISION", serial="BIGSERIAL")
 CHANNEL = "orderguard"
 _PENDING_SQL = ", ".join(f"'{s.value}'" for s in (*PENDING, State.UNKNOWN))
 _LIVE = "state IN ('UNKNOWN', 'ACKED', 'PARTIALLY_FILLED')"
@@ -318,8 +316,8 @@ class PostgresStore(Store):
             if not have:
                 if not create:
                     raise StoreUnavailable(f"no orderguard ledger in {self._where()}; run `orderguard migrate`")
-                conn.execute(SCHEMA_V1)
-                conn.execute(SCHEMA_V2)
+                conn.execute(POSTGRES.v1)
+                conn.execute(POSTGRES.v2)
                 conn.execute(
                     "INSERT INTO meta(key, value) VALUES ('schema_version', %s), ('namespace', %s), ('created_at', %s) "
                     "ON CONFLICT (key) DO NOTHING",
@@ -329,7 +327,7 @@ class PostgresStore(Store):
             if meta.get("schema_version") == "1" and upgrade:  # 1 -> 2 only adds tables
                 if not force:
                     control.refuse_live_old_runners(_executor(conn), self._server_now(conn), self._where())
-                conn.execute(SCHEMA_V2)
+                conn.execute(POSTGRES.v2)
                 conn.execute("UPDATE meta SET value = %s WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
                 meta["schema_version"], self.upgraded_from = str(SCHEMA_VERSION), 1
         version = int(meta.get("schema_version", "0"))

@@ -58,9 +58,7 @@ from .rows import (
     new_intent_record,
     where_clause,
 )
-from .schema_sqlite import ATTEMPT_COLUMNS, INTENT_COLUMNS, SCHEMA_V1
-
-SCHEMA_V2 = control.SCHEMA_V2.format(real="REAL", serial="INTEGER")
+from .schema import ATTEMPT_COLUMNS, INTENT_COLUMNS, SQLITE
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -232,7 +230,7 @@ class SQLiteStore(Store):
         rows = self._db.read("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'meta'")
         if not rows:
             with self._db.write("schema creation") as conn:
-                self._db.run_script(conn, SCHEMA_V1 + SCHEMA_V2)
+                self._db.run_script(conn, SQLITE.v1 + SQLITE.v2)
                 conn.execute(
                     "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?), ('namespace', ?), ('created_at', ?)",
                     (str(SCHEMA_VERSION), uuid.uuid4().hex, str(time.time())),
@@ -244,7 +242,7 @@ class SQLiteStore(Store):
                 if conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "1":
                     if not force:
                         control.refuse_live_old_runners(_executor(conn), self.now(), self.path)
-                    self._db.run_script(conn, SCHEMA_V2)
+                    self._db.run_script(conn, SQLITE.v2)
                     conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
                     self.upgraded_from = 1
             version = SCHEMA_VERSION
