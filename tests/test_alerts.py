@@ -883,3 +883,29 @@ def test_close_with_a_full_queue_still_stops_the_sender_once_the_sink_frees_up(k
     for thread in alert_threads(before):
         thread.join(5)
     assert alert_threads(before) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX-only")
+def test_a_forked_child_delivers_its_own_alerts() -> None:
+    """A worker forked from a process with a notifier (multiprocessing's fork) gets working
+    sender threads of its own: without them its alerts would silently never leave."""
+    read, write = os.pipe()
+    sink = Collecting()
+    notifier = Notifier([sink], interval=60)
+    notifier.notify(AlertKind.BLOCKED, "parent-scope", "from the parent")
+    assert notifier.flush(5)
+    pid = os.fork()
+    if pid == 0:  # the child: report what its own notifier delivered, then leave at once
+        try:
+            notifier.notify(AlertKind.BLOCKED, "child-scope", "from the child")
+            ok = notifier.flush(5)
+            os.write(write, f"{ok} {[a.scope for a in sink.alerts]}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    report = os.read(read, 1000).decode()
+    os.close(read)
+    assert report == "True ['parent-scope', 'child-scope']", report
+    assert [a.scope for a in sink.alerts] == ["parent-scope"]  # the parent's copy is its own
+    notifier.close()
