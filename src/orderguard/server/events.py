@@ -1,9 +1,10 @@
 """Live events for ``GET /v1/events``: every intent state change and blocked attempt, from every
 process using the ledger, fanned out to server-sent-event subscribers.
 
-PostgreSQL pushes them (LISTEN/NOTIFY, from every host). SQLite is polled every ``interval``:
-attempts by id (a primary-key range) and intents changed since the last poll. Nothing is polled
-while nobody is subscribed, and a new subscriber starts from now.
+PostgreSQL pushes them (LISTEN/NOTIFY, from every host), each notification naming the intent or
+attempt that changed. SQLite is polled every ``interval``: attempts by id and intents of the
+last day changed since the last poll (both primary-key ranges). Nothing is polled while nobody
+is subscribed, and a new subscriber starts from now.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 from ..cli_json import plain
 from ..errors import OrderGuardError
+from ..store.base import id_floor
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
 
-    from ..store.base import Store
+    from ..store.base import IntentRecord, Store
 
 log = logging.getLogger("orderguard.server")
+RECENT = 86_400.0  # seconds: intents created this recently are scanned for changes (SQLite)
 LISTEN_SPAN = 2.0  # seconds one LISTEN connection waits before it is renewed
 
 
@@ -105,9 +108,15 @@ class EventHub:
                 self._stop.wait(1.0)
 
     def _listen(self, listen: Any) -> None:
-        """PostgreSQL: every notification wakes a poll, so nothing is missed between them."""
-        for _ in listen(timeout=LISTEN_SPAN):
-            self.poll()
+        """PostgreSQL: each notification names what changed, so it is read by its key."""
+        for note in listen(timeout=LISTEN_SPAN):
+            with self._poll_lock:
+                if "intent" in note:
+                    self._publish_intents([self.store.get(note["intent"])])
+                if "attempt" in note:
+                    self._publish_attempts()
+                if "halt" in note:
+                    self._publish_halts()
             if self._stop.is_set():
                 return
         self.poll()  # the span ended: catch anything a reconnect could have missed
@@ -118,22 +127,34 @@ class EventHub:
             self._poll()
 
     def _poll(self) -> None:
+        self._publish_attempts()
+        now = self.store.now()
+        # A change committed with an earlier clock reading than this poll's can land just after
+        # it: look one second back, and let the (state, fence) memory drop what was sent already.
+        # Only intents created in the last RECENT seconds are scanned (a primary-key range): a
+        # change to an older one (a late reconcile) reaches the dashboard at its next refresh.
+        changed = self.store.intents(updated_since=self._since - 1.0, ids_from=id_floor(now - RECENT), limit=500)
+        self._publish_intents(reversed(changed))
+        self._since = now
+        self._publish_halts()
+
+    def _publish_attempts(self) -> None:
         for attempt in reversed(self.store.attempts(after_id=self._last_attempt, limit=500)):
             self._last_attempt = max(self._last_attempt, attempt.id)
             if attempt.outcome == "BLOCKED":
                 self.publish({"type": "blocked", "attempt": plain(attempt)})
-        now = self.store.now()
-        # A change committed with an earlier clock reading than this poll's can land just after
-        # it: look one second back, and let the (state, fence) memory drop what was sent already.
-        for rec in reversed(self.store.intents(updated_since=self._since - 1.0, limit=500)):
+
+    def _publish_intents(self, records: Iterable[IntentRecord]) -> None:
+        for rec in records:
             key = (rec.state.value, rec.fence)
             if self._states.get(rec.id) != key:
                 self._states[rec.id] = key
                 self.publish({"type": "intent", "intent": plain(rec)})
-        self._since = now
         if len(self._states) > 10_000:  # forget the oldest half: they are long settled
             for stale in sorted(self._states)[:5_000]:
                 del self._states[stale]
+
+    def _publish_halts(self) -> None:
         halts = self.store.halts()
         if halts != self._halts:
             self._halts = halts

@@ -272,9 +272,14 @@ def fence_text(fence: int) -> str:
             return out
 
 
+def id_floor(epoch: float) -> str:
+    """The smallest intent id created at or after ``epoch`` (by the creating host's clock)."""
+    return f"{max(0, int(epoch * 1000)):012x}"
+
+
 def new_intent_id() -> str:
     """Unique, time-ordered id: 48-bit milliseconds then 80 random bits, 32 hex digits."""
-    return f"{int(time.time() * 1000):012x}{os.urandom(10).hex()}"
+    return f"{id_floor(time.time())}{os.urandom(10).hex()}"
 
 
 def explain_block(
@@ -430,9 +435,12 @@ class Store(ABC):
         strategy: str | None = None,
         since: float | None = None,
         updated_since: float | None = None,
+        ids_from: str | None = None,
         limit: int = 1000,
     ) -> list[IntentRecord]:
-        """Intents, newest first (``since``: created then or later; ``updated_since``: changed then or later)."""
+        """Intents, newest first (``since``: created then or later; ``updated_since``: changed then or
+        later; ``ids_from``: ids sorting at or after it — ids begin with their creation time, see
+        :func:`id_floor`, so this is a primary-key range, unlike the two times)."""
 
     @abstractmethod
     def attempts(

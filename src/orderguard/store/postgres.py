@@ -621,6 +621,7 @@ class PostgresStore(Store):
         strategy: str | None = None,
         since: float | None = None,
         updated_since: float | None = None,
+        ids_from: str | None = None,
         limit: int = 1000,
     ) -> list[IntentRecord]:
         clause, params = where_clause([
@@ -628,6 +629,7 @@ class PostgresStore(Store):
             ("strategy = %s", [strategy], strategy is not None),
             ("created_at >= %s", [since], since is not None),
             ("updated_at >= %s", [updated_since], updated_since is not None),
+            ("id >= %s", [ids_from], ids_from is not None),
         ])
         with self._tx("read") as conn:
             rows = conn.execute(

@@ -428,6 +428,7 @@ class SQLiteStore(Store):
         strategy: str | None = None,
         since: float | None = None,
         updated_since: float | None = None,
+        ids_from: str | None = None,
         limit: int = 1000,
     ) -> list[IntentRecord]:
         clause, params = where_clause([
@@ -435,6 +436,7 @@ class SQLiteStore(Store):
             ("strategy = ?", [strategy], strategy is not None),
             ("created_at >= ?", [since], since is not None),
             ("updated_at >= ?", [updated_since], updated_since is not None),
+            ("id >= ?", [ids_from], ids_from is not None),
         ])
         rows = self._db.read(
             f"SELECT {INTENT_COLUMNS} FROM intents {clause} ORDER BY id DESC LIMIT ?",
