@@ -212,10 +212,6 @@ class Notifier:
         if not self._closed:
             self._start()
 
-    @classmethod
-    def from_urls(cls, urls: Sequence[str], *, interval: float = 60.0) -> Notifier:
-        return cls(urls, interval=interval)
-
     def notify(self, kind: AlertKind, scope: str, message: str, **details: str) -> None:
         """Queue an alert (aggregated with others of its kind and scope). Never blocks or raises."""
         try:
