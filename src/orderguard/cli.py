@@ -463,3 +463,98 @@ def migrate(
         typer.echo(f"upgraded ledger {choice.where} from schema version {upgraded_from} to {SCHEMA_VERSION} (tables added, nothing else changed)")
     else:
         typer.echo(f"ledger {choice.where} already at schema version {SCHEMA_VERSION}; nothing changed")
+
+
+@app.command()
+def audit(
+    source: Annotated[str, typer.Argument(metavar="SOURCE", help="SQLite file, postgresql:// URL, or a CSV/Parquet file.")],
+    table: Annotated[str | None, typer.Option("--table", metavar="NAME", help="Trades table of a database (default: trades/fills/executions/orders).", show_default=False)] = None,
+    time_col: Annotated[str | None, typer.Option("--time", metavar="COLUMN", help="Time column (found by name: timestamp, time, created_at, ...).", show_default=False)] = None,
+    symbol: Annotated[str | None, typer.Option("--symbol", metavar="COLUMN", show_default=False, help="Symbol column.")] = None,
+    side: Annotated[str | None, typer.Option("--side", metavar="COLUMN", show_default=False, help="Side column (buy/sell, b/s, long/short).")] = None,
+    qty: Annotated[str | None, typer.Option("--qty", metavar="COLUMN", show_default=False, help="Quantity column.")] = None,
+    price: Annotated[str | None, typer.Option("--price", metavar="COLUMN", show_default=False, help="Price column.")] = None,
+    id_col: Annotated[str | None, typer.Option("--id", metavar="COLUMN", show_default=False, help="Row key (primary key); SQLite's rowid if none.")] = None,
+    scope: Annotated[list[str] | None, typer.Option("--scope", metavar="COLUMN", show_default=False, help="Columns splitting the history into independent streams (repeat; default: account/bot/strategy/expert columns present).")] = None,
+    no_scope: Annotated[bool, typer.Option("--no-scope", help="Use no scope columns: one stream per symbol and side.")] = False,
+    window: Annotated[str, typer.Option("--window", metavar="DURATION", help="Longest gap between two orders of one cluster (90s, 2m, 500ms).")] = "60s",
+    min_confidence: Annotated[float, typer.Option("--min-confidence", metavar="SCORE", help="Score (0.5-1) from which a repeated order counts as a duplicate.")] = 0.8,
+    price_tolerance: Annotated[float, typer.Option("--price-tolerance", metavar="FRACTION", help="Price move that scores 0 on price similarity (0.01 = 1 %).")] = 0.01,
+    positions: Annotated[str | None, typer.Option("--positions", metavar="TABLE", help="Positions table (or file, for file sources) to reconcile against.", show_default=False)] = None,
+    cash: Annotated[str | None, typer.Option("--cash", metavar="TABLE", help="Cash/account table (or file) whose balance the duplicates drained.", show_default=False)] = None,
+    starting_cash: Annotated[str | None, typer.Option("--starting-cash", metavar="AMOUNT", help="Cash before the first trade, to compare with what the trades imply.", show_default=False)] = None,
+    skip_bad_rows: Annotated[bool, typer.Option("--skip-bad-rows", help="Leave out rows whose values do not parse (counted) instead of stopping.")] = False,
+    top: Annotated[int, typer.Option("--top", metavar="N", min=1, help="Rows in the per-symbol table.")] = 20,
+    html: Annotated[str | None, typer.Option("--html", metavar="FILE", help="Also write a self-contained HTML report with charts.", show_default=False)] = None,
+    plan: Annotated[str | None, typer.Option("--plan", metavar="FILE", help="Write a reviewable SQL correction (backups, changes) and FILE's rollback; changes nothing.", show_default=False)] = None,
+    apply: Annotated[str | None, typer.Option("--apply", metavar="PLAN", help="Run a plan (or its rollback) written by --plan against SOURCE, in one transaction.", show_default=False)] = None,
+    progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress on stderr (default: on a terminal).", show_default=False)] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Find, size and undo duplicate orders already in a trade history (orderguard[audit], DuckDB).
+
+    Read-only unless --apply. Exit 0: no duplicate bursts; 1: duplicates found (or the
+    plan refused); 2: bad source, column, option or plan.
+    """
+    from .cli_audit import RichProgress, parse_window, render_applied, render_plan, render_report
+    from .cli_render import make_console
+
+    out = make_console()
+    with reported():
+        if apply:
+            if any((plan, html)):
+                raise CliFailure(EXIT_USAGE, "--apply runs a written plan; give --plan/--html on an audit run, not with it")
+            from .audit.plan import apply_plan
+
+            result = apply_plan(source, apply)
+            if as_json:
+                _emit_json({"applied": apply, **result.__dict__})
+            else:
+                render_applied(out, apply, result)
+            return
+        if no_scope and scope:
+            raise CliFailure(EXIT_USAGE, "--scope and --no-scope contradict each other")
+        from .audit import Settings
+        from .audit import audit as run_audit
+
+        settings = Settings(parse_window(window), min_confidence, price_tolerance)
+        err = Console(stderr=True)
+        show = progress if progress is not None else (err.is_terminal and not as_json)
+        kwargs = {
+            "table": table, "time_column": time_col, "symbol": symbol, "side": side, "qty": qty, "price": price,
+            "id_column": id_col, "scope": [] if no_scope else scope, "settings": settings, "positions": positions,
+            "cash": cash, "starting_cash": starting_cash, "skip_bad_rows": skip_bad_rows,
+        }
+        if show:
+            with RichProgress(Console(stderr=True, force_terminal=True) if progress else err) as bar:
+                report = run_audit(source, progress=bar, **kwargs)  # type: ignore[arg-type]
+        else:
+            report = run_audit(source, **kwargs)  # type: ignore[arg-type]
+        written = None
+        if plan:
+            from .audit.plan import write_plan
+
+            written = write_plan(report, plan)
+        if html:
+            from .audit.html import render_html
+
+            try:
+                with open(html, "w", encoding="utf-8") as handle:
+                    handle.write(render_html(report))
+            except OSError as exc:
+                raise CliFailure(EXIT_USAGE, f"cannot write --html {html}: {exc.strerror}") from None
+    if as_json:
+        document = report.to_json()
+        document["html"] = html
+        document["plan"] = None if written is None else {
+            "plan": written.plan, "rollback": written.rollback, "deletes": written.deletes, "backups": list(written.backups),
+            "left_alone": list(written.left_alone),
+        }
+        _emit_json(document)
+    else:
+        render_report(out, report, top, planned=written is not None)
+        if html:
+            out.print(f"report: {html}", highlight=False)
+        if written is not None:
+            render_plan(out, written)
+    raise typer.Exit(EXIT_NOT_CLEAN if report.duplicates else EXIT_OK)

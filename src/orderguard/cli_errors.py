@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, NoReturn
 import typer
 
 from .errors import (
+    AuditError,
     ClockError,
     ConfigurationError,
     IntentNotFound,
@@ -63,7 +64,7 @@ def explain(exc: OrderGuardError, origin: str = "") -> tuple[int, str]:
         )
     if isinstance(exc, (StoreError, ClockError)):
         return EXIT_STORE, text
-    if isinstance(exc, (ConfigurationError, InvalidPolicy)):
+    if isinstance(exc, (ConfigurationError, InvalidPolicy, AuditError)):
         return EXIT_USAGE, text
     if isinstance(exc, IntentNotFound):
         return EXIT_NOT_CLEAN, text

@@ -89,3 +89,17 @@ class AmbiguousOutcome(BrokerError):
 
 class DuplicateClientOrderId(BrokerError):
     """The venue says this client order id already exists: look it up, never resend."""
+
+
+class AuditError(OrderGuardError):
+    """``orderguard audit`` could not do what was asked; the source was not changed."""
+
+
+class AuditSourceError(AuditError, ValueError):
+    """The trade history cannot be audited as given: unreadable, empty, a column missing or
+    holding values of the wrong kind. The message names the table, column and example rows."""
+
+
+class AuditPlanError(AuditError):
+    """A correction plan was refused: edited since it was written, written for another source,
+    already applied, or the source changed under it. Nothing was changed."""

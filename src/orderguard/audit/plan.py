@@ -1,0 +1,402 @@
+"""Correction plans: a reviewable SQL script that deletes phantom duplicates and gives back the
+cash they drained, with backups first and a rollback script beside it.
+
+The plan is plain SQL that ``sqlite3 db < plan.sql`` or ``psql -f plan.sql`` can run after review.
+Its ``-- check (...): expect V from SELECT ...`` comments are preconditions that
+:func:`apply_plan` runs in the same transaction before going on: the backups hold every row,
+the rows to delete are still there and still the same symbols, the cash row exists. The header
+carries a SHA-256 of the statements, so :func:`apply_plan` refuses a plan edited after it was
+written (run an edited plan by hand). One statement per line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sqlite3
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from ..errors import AuditPlanError, AuditSourceError
+from ..intent import canonical_decimal
+from .report import iso_us
+from .source import Source, SourceKind, quote, quote_table, redact_url, sql_string, table_columns
+
+if TYPE_CHECKING:
+    from .clusters import Cluster
+    from .report import AuditReport
+
+MAGIC = "-- orderguard audit plan v1"
+MARKER = "-- ---- statements (one per line; checks are comments that --apply runs) ----"
+CHECK = re.compile(r"^-- check \((?P<why>.*)\): expect (?P<value>\S+) from (?P<sql>SELECT .*)$")
+IDS_PER_STATEMENT = 1000
+PG_NAME_LIMIT = 63
+
+
+@dataclass(frozen=True)
+class PlanSummary:
+    """What a written plan does."""
+
+    plan: str
+    rollback: str
+    deletes: int
+    clusters: int
+    cash_delta: dict[tuple[str, ...], Decimal]
+    backups: tuple[str, ...]
+    left_alone: tuple[str, ...]  # why some duplicate clusters are not in the plan
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    statements: int
+    checks: int
+    deleted: int
+    updated: int
+    inserted: int
+
+
+def rollback_path(plan: str) -> str:
+    base, ext = os.path.splitext(plan)
+    return f"{base}.rollback{ext or '.sql'}"
+
+
+def _literal(value: Any) -> str:
+    if isinstance(value, int):
+        return str(value)
+    return sql_string(str(value))
+
+
+def _chunks(ids: list[Any]) -> list[list[Any]]:
+    return [ids[i : i + IDS_PER_STATEMENT] for i in range(0, len(ids), IDS_PER_STATEMENT)]
+
+
+def _backup_name(source: Source, table: str, stamp: str) -> str:
+    schema, _, name = table.rpartition(".") if source.kind is SourceKind.POSTGRES and "." in table else ("", "", table)
+    backup = f"og_backup_{stamp}_{name}"
+    if source.kind is SourceKind.POSTGRES:
+        backup = backup.encode()[:PG_NAME_LIMIT].decode(errors="ignore")
+    return f"{schema}.{backup}" if schema else backup
+
+
+def _sealed(lines: list[str], header: list[str]) -> str:
+    body = "\n".join(lines) + "\n"
+    digest = hashlib.sha256(body.encode()).hexdigest()
+    return "\n".join([MAGIC, *header, f"-- sha256: {digest}", MARKER]) + "\n" + body
+
+
+def write_plan(report: AuditReport, path: str, *, now: datetime | None = None) -> PlanSummary:
+    """Write the correction plan for ``report`` to ``path`` and its rollback beside it.
+
+    Only duplicate clusters that the positions table confirms as phantoms are deleted (every
+    duplicate cluster when no positions table was given: the header says so). The source is
+    not touched. Raises :class:`~orderguard.errors.AuditPlanError` when no plan can be written.
+    """
+    source, table, cols = report.source, report.table, report.columns
+    if not source.is_database or table is None:
+        raise AuditPlanError(
+            f"{source.location} is a {source.kind.value.upper()} file: a correction plan needs the history in a "
+            "SQLite or PostgreSQL table (load the file into one, audit that, then --plan)"
+        )
+    if cols.id is None or not report.id_unique:
+        raise AuditPlanError(
+            f"table {table!r} has no column identifying each row uniquely"
+            + (f" ({cols.id!r} repeats)" if cols.id else "")
+            + "; pass --id COLUMN naming its primary key"
+        )
+    fixable = report.fixable()
+    left_alone = _left_alone(report, fixable)
+    if not fixable:
+        raise AuditPlanError("nothing to correct: no duplicate cluster is confirmed as phantom" + _why(left_alone))
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%d%H%M%S")
+    pg = source.kind is SourceKind.POSTGRES
+    trades_cols = [c.name for c in table_columns(source, table)]
+    rowid_only = cols.id == "rowid" and "rowid" not in [c.lower() for c in trades_cols]
+    trades_q, key_q, symbol_q = quote_table(table), quote(cols.id), quote(cols.symbol)
+    backup = _backup_name(source, table, stamp)
+    backups = [backup]
+    copy_cols = ([f'"rowid" AS {quote("og_rowid")}'] if rowid_only else []) + [quote(c) for c in trades_cols]
+    lines = ["BEGIN;" if pg else "BEGIN IMMEDIATE;"]
+    lines.append(f"CREATE TABLE {quote_table(backup)} AS SELECT {', '.join(copy_cols)} FROM {trades_q};")
+    lines.append(
+        f"-- check (the backup {backup} holds every row of {table}): expect 1 from SELECT CASE WHEN "
+        f"(SELECT count(*) FROM {quote_table(backup)}) = (SELECT count(*) FROM {trades_q}) THEN 1 ELSE 0 END"
+    )
+    cash_ref = report.cash_ref
+    cash_delta: dict[tuple[str, ...], Decimal] = {}
+    cash_backup = None
+    if cash_ref is not None and report.cash is not None:
+        cash_table = cash_ref.table
+        assert cash_table is not None
+        cash_backup = _backup_name(source, cash_table, stamp)
+        backups.append(cash_backup)
+        lines.append(f"CREATE TABLE {quote_table(cash_backup)} AS SELECT * FROM {quote_table(cash_table)};")
+        lines.append(
+            f"-- check (the backup {cash_backup} holds every row of {cash_table}): expect 1 from SELECT CASE WHEN "
+            f"(SELECT count(*) FROM {quote_table(cash_backup)}) = (SELECT count(*) FROM {quote_table(cash_table)}) THEN 1 ELSE 0 END"
+        )
+        cash_delta = {c.key: c.phantom for c in report.cash if c.phantom}
+    deleted: list[Any] = []
+    for cluster in sorted(fixable, key=lambda c: (c.symbol, c.first_us)):
+        ids = list(cluster.repeat_ids)
+        deleted.extend(ids)
+        lines.append(f"-- {_describe(report, cluster)}")
+        for chunk in _chunks(ids):
+            in_list = ", ".join(_literal(i) for i in chunk)
+            lines.append(
+                f"-- check ({len(chunk)} rows to delete are still {cluster.symbol} trades): expect {len(chunk)} from "
+                f"SELECT count(*) FROM {trades_q} WHERE {key_q} IN ({in_list}) AND trim(CAST({symbol_q} AS TEXT)) = {sql_string(cluster.symbol)}"
+            )
+            lines.append(f"DELETE FROM {trades_q} WHERE {key_q} IN ({in_list});")
+    rollback_lines = ["BEGIN;" if pg else "BEGIN IMMEDIATE;"]
+    all_ids = ", ".join(_literal(i) for i in deleted)
+    rollback_lines.append(
+        f"-- check (none of the {len(deleted)} deleted rows is back in {table}): expect 0 from "
+        f"SELECT count(*) FROM {trades_q} WHERE {key_q} IN ({all_ids})"
+    )
+    backup_key = quote("og_rowid") if rowid_only else key_q
+    rollback_lines.append(
+        f"-- check (the backup {backup} still holds the {len(deleted)} rows): expect {len(deleted)} from "
+        f"SELECT count(*) FROM {quote_table(backup)} WHERE {backup_key} IN ({all_ids})"
+    )
+    insert_cols = (['"rowid"'] if rowid_only else []) + [quote(c) for c in trades_cols]
+    select_cols = ([quote("og_rowid")] if rowid_only else []) + [quote(c) for c in trades_cols]
+    override = " OVERRIDING SYSTEM VALUE" if pg else ""
+    for chunk in _chunks(deleted):
+        rollback_lines.append(
+            f"INSERT INTO {trades_q} ({', '.join(insert_cols)}){override} SELECT {', '.join(select_cols)} "
+            f"FROM {quote_table(backup)} WHERE {backup_key} IN ({', '.join(_literal(i) for i in chunk)});"
+        )
+    if cash_ref is not None and cash_delta:
+        cash_table = cash_ref.table
+        assert cash_table is not None
+        cash_col = quote(cash_ref.columns[-1])
+        for key, delta in sorted(cash_delta.items()):
+            where = _key_condition(cash_ref.columns[:-1], key)
+            amount = canonical_decimal(delta)
+            lines.append(f"-- cash of {_key_text(cash_ref.columns[:-1], key)}: + {amount} drained by the phantom duplicates above")
+            lines.append(f"-- check (one cash row for {_key_text(cash_ref.columns[:-1], key)}): expect 1 from SELECT count(*) FROM {quote_table(cash_table)}{where}")
+            lines.append(f"UPDATE {quote_table(cash_table)} SET {cash_col} = {cash_col} + {amount}{where};")
+            rollback_lines.append(f"-- check (one cash row for {_key_text(cash_ref.columns[:-1], key)}): expect 1 from SELECT count(*) FROM {quote_table(cash_table)}{where}")
+            rollback_lines.append(f"UPDATE {quote_table(cash_table)} SET {cash_col} = {cash_col} - {amount}{where};")
+    lines.append("COMMIT;")
+    rollback_lines.append("COMMIT;")
+    rollback_lines.append("-- the backups are kept; once no longer needed: " + " ".join(f"DROP TABLE {quote_table(b)};" for b in backups))
+    verified = (
+        "UNVERIFIED: no positions table was given, so nothing confirmed these duplicates were never held; "
+        "audit again with --positions before applying"
+        if report.positions is None
+        else "every deleted cluster's symbol: positions match the trades without the duplicates (PHANTOM)"
+    )
+    total_cash = sum(cash_delta.values(), Decimal(0))
+    header = [
+        f"-- written: {datetime.now(UTC).isoformat(timespec='seconds')} by orderguard audit",
+        f"-- source: {source.display}  table: {table}  id column: {cols.id}",
+        f"-- deletes {len(deleted)} duplicate rows in {len(fixable)} clusters"
+        + (f"; adds {canonical_decimal(total_cash)} to {cash_ref.table}.{cash_ref.columns[-1]}" if cash_ref and cash_delta else ""),
+        f"-- verified: {verified}",
+        *[f"-- left alone: {line}" for line in left_alone],
+        f"-- backups first: {', '.join(backups)} (full copies, in this database)",
+        f"-- rollback: {os.path.basename(rollback_path(path))}",
+        "-- review, then apply with: orderguard audit SOURCE --apply THIS_FILE",
+    ]
+    rollback_header = [
+        f"-- rollback of {os.path.basename(path)}: puts back the {len(deleted)} deleted rows from {backup} and takes back the cash",
+        f"-- source: {source.display}  table: {table}",
+        "-- apply with: orderguard audit SOURCE --apply THIS_FILE",
+    ]
+    _write(path, _sealed(lines, header))
+    _write(rollback_path(path), _sealed(rollback_lines, rollback_header))
+    return PlanSummary(path, rollback_path(path), len(deleted), len(fixable), cash_delta, tuple(backups), tuple(left_alone))
+
+
+def _write(path: str, text: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise AuditPlanError(f"cannot write {path}: folder {folder} does not exist")
+    if os.path.exists(path):
+        raise AuditPlanError(f"{path} exists; a plan is never overwritten (choose another name)")
+    with open(path, "x", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def _key_condition(columns: tuple[str, ...], key: tuple[str, ...]) -> str:
+    if not columns:
+        return ""
+    return " WHERE " + " AND ".join(f"CAST({quote(c)} AS TEXT) = {sql_string(v)}" for c, v in zip(columns, key, strict=True))
+
+
+def _key_text(columns: tuple[str, ...], key: tuple[str, ...]) -> str:
+    return ", ".join(f"{c}={v}" for c, v in zip(columns, key, strict=True)) or "the account"
+
+
+def _describe(report: AuditReport, c: Cluster) -> str:
+    scope = " ".join(c.scope)
+    return (
+        f"{c.symbol} {scope} {c.side}: {c.repeats} duplicates of {report.columns.id} {c.first_id} at {iso_us(c.first_us)}, "
+        f"{canonical_decimal(c.excess_qty)} shares, {canonical_decimal(c.phantom_notional)} notional, confidence {c.confidence}"
+    )
+
+
+def _left_alone(report: AuditReport, fixable: list[Cluster]) -> list[str]:
+    kept = {id(c) for c in fixable}
+    out = []
+    for c in report.duplicates:
+        if id(c) in kept:
+            continue
+        status = report.status_of(c)
+        why = (
+            "the positions hold them: the venue filled these; reduce the position there, do not delete history"
+            if status.value == "REAL"
+            else "the positions match neither with nor without them: look at this symbol by hand"
+        )
+        out.append(f"{c.symbol} {' '.join(c.scope)} {c.side} ({c.repeats} duplicates, {status.value}): {why}")
+    return out
+
+
+def _why(left_alone: list[str]) -> str:
+    return (": " + "; ".join(left_alone)) if left_alone else ""
+
+
+@dataclass(frozen=True)
+class _Step:
+    sql: str
+    check: tuple[str, str] | None  # (why, expected value)
+
+
+def read_plan(path: str) -> tuple[list[str], list[_Step]]:
+    """The header lines and steps of a plan or rollback, refusing one that was edited."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise AuditPlanError(f"cannot read plan {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise AuditPlanError(f"{path} is not an orderguard plan (not UTF-8 text)") from None
+    if not text.startswith(MAGIC) or f"\n{MARKER}\n" not in text:
+        raise AuditPlanError(f"{path} is not an orderguard plan (written by orderguard audit --plan)")
+    head, body = text.split(f"\n{MARKER}\n", 1)
+    digest = next((line.split(": ", 1)[1] for line in head.splitlines() if line.startswith("-- sha256: ")), "")
+    if hashlib.sha256(body.encode()).hexdigest() != digest:
+        raise AuditPlanError(
+            f"{path} was edited after it was written, so --apply refuses it; run the edited script by hand "
+            "(sqlite3/psql) after review, or write a new plan with --plan"
+        )
+    steps: list[_Step] = []
+    for line in body.splitlines():
+        if not line.strip():
+            continue
+        match = CHECK.match(line)
+        if match:
+            steps.append(_Step(match["sql"], (match["why"], match["value"])))
+        elif not line.startswith("--"):
+            steps.append(_Step(line.rstrip(";"), None))
+    kinds = [s.sql.split(" ", 1)[0].upper() for s in steps if s.check is None]
+    changes = [i for i, k in enumerate(kinds) if k in ("DELETE", "UPDATE", "INSERT")]
+    if kinds[:1] != ["BEGIN"] or kinds[-1:] != ["COMMIT"]:
+        raise AuditPlanError(f"{path} does not run in one transaction; refused")
+    if "DELETE" in kinds and ("CREATE" not in kinds or kinds.index("CREATE") > min(changes)):
+        raise AuditPlanError(f"{path} deletes rows without taking a backup first; refused")
+    return head.splitlines(), steps
+
+
+def apply_plan(source: Source | str, path: str) -> ApplyResult:
+    """Run a plan (or its rollback) written by :func:`write_plan` against ``source``, in one
+    transaction: every check must hold or nothing is changed."""
+    from .source import parse_source
+
+    src = source if isinstance(source, Source) else parse_source(source)
+    if not src.is_database:
+        raise AuditPlanError(f"{src.location} is a file; plans apply to SQLite and PostgreSQL tables")
+    _head, steps = read_plan(path)
+    if src.kind is SourceKind.SQLITE:
+        return _run_sqlite(src.location, steps, path)
+    return _run_postgres(src.location, steps, path)
+
+
+def _tally(result: dict[str, int], sql: str, rowcount: int) -> None:
+    verb = sql.split(" ", 1)[0].upper()
+    key = {"DELETE": "deleted", "UPDATE": "updated", "INSERT": "inserted"}.get(verb)
+    if key:
+        result[key] += max(rowcount, 0)
+
+
+def _refuse(path: str, why: str, expected: str, got: Any) -> AuditPlanError:
+    return AuditPlanError(
+        f"{path}: check failed: {why} (expected {expected}, found {got}); nothing was changed. "
+        "The source changed since the plan was written, or it was applied already: audit again and write a new plan"
+    )
+
+
+def _failed(path: str, sql: str, error: str) -> AuditPlanError:
+    if sql.startswith("CREATE TABLE") and "already exists" in error:
+        return AuditPlanError(
+            f"{path}: its backup table exists already, so this plan was applied before ({error}); nothing was changed. "
+            f"To undo it, apply {rollback_path(path)}"
+        )
+    return AuditPlanError(f"{path}: {sql[:100]}... failed: {error}; nothing was changed")
+
+
+def _run_sqlite(db: str, steps: list[_Step], path: str) -> ApplyResult:
+    if not os.path.exists(db):
+        raise AuditSourceError(f"source {db} does not exist")
+    conn = sqlite3.connect(db, isolation_level=None, timeout=30)
+    counts = {"deleted": 0, "updated": 0, "inserted": 0}
+    checks = statements = 0
+    try:
+        for step in steps:
+            if step.check is not None:
+                row = conn.execute(step.sql).fetchone()
+                got = None if row is None else row[0]
+                checks += 1
+                if str(got) != step.check[1]:
+                    raise _refuse(path, step.check[0], step.check[1], got)
+                continue
+            try:
+                cursor = conn.execute(step.sql)
+            except sqlite3.Error as exc:
+                raise _failed(path, step.sql, str(exc)) from None
+            statements += 1
+            _tally(counts, step.sql, cursor.rowcount)
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    finally:
+        conn.close()
+    return ApplyResult(statements, checks, **counts)
+
+
+def _run_postgres(url: str, steps: list[_Step], path: str) -> ApplyResult:
+    import psycopg
+
+    counts = {"deleted": 0, "updated": 0, "inserted": 0}
+    checks = statements = 0
+    try:
+        conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
+    except psycopg.Error as exc:
+        raise AuditSourceError(f"cannot connect to {redact_url(url)}: {str(exc).strip().splitlines()[0]}") from None
+    try:
+        for step in steps:
+            if step.check is not None:
+                row = conn.execute(step.sql).fetchone()
+                got = None if row is None else row[0]
+                checks += 1
+                if str(got) != step.check[1]:
+                    raise _refuse(path, step.check[0], step.check[1], got)
+                continue
+            try:
+                cursor = conn.execute(step.sql)
+            except psycopg.Error as exc:
+                raise _failed(path, step.sql, str(exc).strip().splitlines()[0]) from None
+            statements += 1
+            _tally(counts, step.sql, cursor.rowcount)
+    except BaseException:
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            conn.execute("ROLLBACK")
+        raise
+    finally:
+        conn.close()
+    return ApplyResult(statements, checks, **counts)

@@ -1,0 +1,356 @@
+"""Where a trade history lives, and how its tables get into DuckDB.
+
+CSV and Parquet files are read by DuckDB itself. SQLite and PostgreSQL tables are streamed out
+(SQLite through the standard library, PostgreSQL with ``COPY ... TO STDOUT``) into a temporary
+CSV that DuckDB loads, because DuckDB's database scanners are extensions downloaded at run time
+and an audit must work on a machine without network access. Sources are opened read-only.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import sqlite3
+import tempfile
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from ..errors import AuditSourceError
+from ..intent import is_text
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    import duckdb
+
+MAX_NAME_LENGTH = 128
+SQLITE_MAGIC = b"SQLite format 3\x00"
+CSV_SUFFIXES = (".csv", ".csv.gz", ".tsv", ".txt")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3", ".db3")
+FETCH_ROWS = 50_000
+
+
+class SourceKind(StrEnum):
+    SQLITE = "sqlite"
+    POSTGRES = "postgresql"
+    CSV = "csv"
+    PARQUET = "parquet"
+
+
+@dataclass(frozen=True)
+class Source:
+    """A trade history: a database (tables named separately) or one CSV/Parquet file."""
+
+    kind: SourceKind
+    location: str  # file path, or the PostgreSQL connection URL
+
+    @property
+    def is_database(self) -> bool:
+        return self.kind in (SourceKind.SQLITE, SourceKind.POSTGRES)
+
+    @property
+    def display(self) -> str:
+        """The location with any password replaced by ``***`` (safe for logs and reports)."""
+        return redact_url(self.location) if self.kind is SourceKind.POSTGRES else self.location
+
+
+def redact_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def parse_source(text: str) -> Source:
+    """A source from the command line: a PostgreSQL URL, ``sqlite:///path``, or a file path
+    (SQLite recognised by its header, CSV and Parquet by their suffix)."""
+    if not text or not is_text(text):
+        raise AuditSourceError("the source is empty; give a SQLite file, a postgresql:// URL, or a CSV/Parquet file")
+    if text.startswith(("postgresql://", "postgres://")):
+        return Source(SourceKind.POSTGRES, text)
+    if text.startswith("sqlite:///"):
+        text = text[len("sqlite://"):]
+    elif "://" in text:
+        raise AuditSourceError(f"unsupported source {redact_url(text)}: use a postgresql:// URL, sqlite:///path or a file path")
+    if not os.path.exists(text):
+        raise AuditSourceError(f"source {text} does not exist")
+    if os.path.isdir(text):
+        raise AuditSourceError(f"source {text} is a folder; give the file itself")
+    try:
+        with open(text, "rb") as handle:
+            head = handle.read(len(SQLITE_MAGIC))
+    except OSError as exc:
+        raise AuditSourceError(f"cannot read source {text}: {exc.strerror}") from None
+    lower = text.lower()
+    if head == SQLITE_MAGIC:
+        return Source(SourceKind.SQLITE, text)
+    if lower.endswith(PARQUET_SUFFIXES):
+        return Source(SourceKind.PARQUET, text)
+    if lower.endswith(CSV_SUFFIXES):
+        return Source(SourceKind.CSV, text)
+    if lower.endswith(SQLITE_SUFFIXES):
+        raise AuditSourceError(f"{text} is not a SQLite database (its header is not SQLite's)")
+    raise AuditSourceError(f"cannot tell what {text} is: name a .csv, .parquet or SQLite file, or a postgresql:// URL")
+
+
+def check_name(name: str, what: str) -> str:
+    """A table or column name as given, refused if it cannot be a name (quoting does the rest)."""
+    if not name or not name.strip():
+        raise AuditSourceError(f"{what} name is empty")
+    if len(name) > MAX_NAME_LENGTH:
+        raise AuditSourceError(f"{what} name is longer than {MAX_NAME_LENGTH} characters")
+    if not is_text(name) or any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        raise AuditSourceError(f"{what} name {name!r} holds control characters")
+    return name
+
+
+def quote(name: str) -> str:
+    """A double-quoted SQL identifier (SQLite, PostgreSQL and DuckDB all read this form)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_table(table: str) -> str:
+    """``schema.table`` quoted part by part; a plain name quoted whole."""
+    return ".".join(quote(part) for part in table.split(".", 1)) if "." in table else quote(table)
+
+
+def sql_string(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str  # as the source declares it (upper case; empty when undeclared)
+
+
+def _sqlite_connect(path: str) -> sqlite3.Connection:
+    try:
+        uri = "file:" + path.replace("?", "%3f").replace("#", "%23") + "?mode=ro"
+        conn = sqlite3.connect(uri, uri=True)
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error as exc:
+        raise AuditSourceError(f"cannot read SQLite database {path}: {exc}") from None
+    return conn
+
+
+def _pg_connect(url: str) -> Any:
+    try:
+        import psycopg
+    except ImportError as exc:
+        raise AuditSourceError(f"a PostgreSQL source needs psycopg: pip install 'orderguard[postgres]' ({exc.name} missing)") from None
+    try:
+        conn = psycopg.connect(url, connect_timeout=10)
+    except psycopg.Error as exc:
+        raise AuditSourceError(f"cannot connect to {redact_url(url)}: {str(exc).strip().splitlines()[0]}") from None
+    conn.read_only = True
+    return conn
+
+
+def _pg_split(table: str) -> tuple[str, str]:
+    return (table.split(".", 1)[0], table.split(".", 1)[1]) if "." in table else ("public", table)
+
+
+def list_tables(source: Source) -> list[str]:
+    """The tables of a database source (``schema.table`` for PostgreSQL schemas other than public)."""
+    if source.kind is SourceKind.SQLITE:
+        conn = _sqlite_connect(source.location)
+        try:
+            return [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type IN ('table','view') ORDER BY name")]
+        finally:
+            conn.close()
+    if source.kind is SourceKind.POSTGRES:
+        with _pg_connect(source.location) as conn:
+            rows = conn.execute(
+                "SELECT table_schema, table_name FROM information_schema.tables "
+                "WHERE table_schema NOT IN ('pg_catalog','information_schema') ORDER BY 1, 2"
+            ).fetchall()
+        return [name if schema == "public" else f"{schema}.{name}" for schema, name in rows]
+    return []
+
+
+def table_columns(source: Source, table: str | None) -> list[Column]:
+    """The columns of ``table`` (or of the file), in order; a missing table is named with the ones there are."""
+    if source.kind is SourceKind.SQLITE:
+        assert table is not None
+        check_name(table, "table")
+        conn = _sqlite_connect(source.location)
+        try:
+            rows = conn.execute(f"PRAGMA table_info({quote(table)})").fetchall()
+        finally:
+            conn.close()
+        if not rows:
+            _missing_table(source, table)
+        return [Column(r[1], (r[2] or "").upper()) for r in rows]
+    if source.kind is SourceKind.POSTGRES:
+        assert table is not None
+        check_name(table, "table")
+        schema, name = _pg_split(table)
+        with _pg_connect(source.location) as conn:
+            rows = conn.execute(
+                "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = %s AND table_name = %s "
+                "ORDER BY ordinal_position",
+                (schema, name),
+            ).fetchall()
+        if not rows:
+            _missing_table(source, table)
+        return [Column(r[0], str(r[1]).upper()) for r in rows]
+    import duckdb
+
+    con = duckdb.connect()
+    try:
+        rows = con.execute(f"DESCRIBE SELECT * FROM {file_scan(source)}").fetchall()
+    except duckdb.Error as exc:
+        raise AuditSourceError(f"cannot read {source.kind.value.upper()} file {source.location}: {_first_line(exc)}") from None
+    finally:
+        con.close()
+    if not rows:
+        raise AuditSourceError(f"{source.location} has no columns")
+    return [Column(r[0], str(r[1]).upper()) for r in rows]
+
+
+def _missing_table(source: Source, table: str) -> None:
+    there = ", ".join(list_tables(source)) or "none"
+    raise AuditSourceError(f"no table {table!r} in {source.display} (tables: {there}); pass --table NAME")
+
+
+def file_scan(source: Source) -> str:
+    """The DuckDB table function reading a CSV (every column as text: we parse) or Parquet file."""
+    path = sql_string(source.location)
+    if source.kind is SourceKind.PARQUET:
+        return f"read_parquet({path})"
+    return f"read_csv({path}, header = true, all_varchar = true)"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load_table(
+    con: duckdb.DuckDBPyConnection,
+    source: Source,
+    table: str | None,
+    columns: list[str],
+    into: str,
+    *,
+    rowid: bool = False,
+    progress: Callable[[int], None] | None = None,
+    total: Callable[[int], None] | None = None,
+) -> int:
+    """Create DuckDB table ``into`` holding ``columns`` of the source (plus ``__og_rowid``, SQLite's
+    rowid, when ``rowid``); returns its row count. File sources are read in place."""
+    import duckdb
+
+    for name in columns:
+        check_name(name, "column")
+    if source.kind in (SourceKind.CSV, SourceKind.PARQUET):
+        select = ", ".join(quote(c) for c in columns)
+        try:
+            con.execute(f"CREATE OR REPLACE TEMP VIEW {quote(into)} AS SELECT {select} FROM {file_scan(source)}")
+            (count,) = con.execute(f"SELECT count(*) FROM {quote(into)}").fetchone() or (0,)
+        except duckdb.Error as exc:
+            raise AuditSourceError(f"cannot read {source.location}: {_first_line(exc)}") from None
+        return int(count)
+    assert table is not None
+    names = [*columns, "__og_rowid"] if rowid else list(columns)
+    with tempfile.TemporaryDirectory(prefix="orderguard-audit-") as folder:
+        path = os.path.join(folder, "table.csv")
+        if source.kind is SourceKind.SQLITE:
+            _sqlite_to_csv(source.location, table, columns, rowid, path, progress, total)
+        else:
+            _pg_to_csv(source.location, table, columns, path, progress, total)
+        types = "{" + ", ".join(f"{sql_string(n)}: 'VARCHAR'" for n in names) + "}"
+        try:
+            con.execute(
+                f"CREATE OR REPLACE TEMP TABLE {quote(into)} AS SELECT * FROM read_csv({sql_string(path)}, header = true, "
+                f"columns = {types}, nullstr = '\\N', quote = '\"', escape = '\"', delim = ',', strict_mode = true)"
+            )
+        except duckdb.Error as exc:
+            raise AuditSourceError(f"cannot load table {table!r} of {source.display}: {_first_line(exc)}") from None
+    (count,) = con.execute(f"SELECT count(*) FROM {quote(into)}").fetchone() or (0,)
+    return int(count)
+
+
+def _sqlite_value(value: object) -> object:
+    # floats keep their shortest round-trip text (what the user sees in sqlite3); NULL gets a marker
+    if value is None:
+        return "\\N"
+    if isinstance(value, bytes):
+        return value.hex()
+    return value
+
+
+def _sqlite_to_csv(
+    path: str, table: str, columns: list[str], rowid: bool, out: str,
+    progress: Callable[[int], None] | None, total: Callable[[int], None] | None,
+) -> None:
+    conn = _sqlite_connect(path)
+    select = ", ".join(quote(c) for c in columns) + (", rowid" if rowid else "")
+    written = 0
+    try:
+        if total is not None:
+            total(int(conn.execute(f"SELECT count(*) FROM {quote(table)}").fetchone()[0]))
+        cursor = conn.execute(f"SELECT {select} FROM {quote(table)}")
+        with open(out, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle, lineterminator="\n")
+            writer.writerow([*columns, "__og_rowid"] if rowid else columns)
+            while batch := cursor.fetchmany(FETCH_ROWS):
+                writer.writerows([_sqlite_value(v) for v in row] for row in batch)
+                written += len(batch)
+                if progress is not None:
+                    progress(written)
+    except sqlite3.Error as exc:
+        raise AuditSourceError(f"cannot read table {table!r} of {path}: {exc}") from None
+    finally:
+        conn.close()
+
+
+def _pg_to_csv(
+    url: str, table: str, columns: list[str], out: str,
+    progress: Callable[[int], None] | None, total: Callable[[int], None] | None,
+) -> None:
+    import psycopg
+
+    select = ", ".join(f"{quote(c)}::text" for c in columns)
+    written = 0
+    try:
+        with _pg_connect(url) as conn:
+            if total is not None:
+                total(int(conn.execute(f"SELECT count(*) FROM {quote_table(table)}").fetchone()[0]))
+            with conn.cursor() as cur, open(out, "wb") as handle:
+                header = ",".join(_csv_header(c) for c in columns) + "\n"
+                handle.write(header.encode())
+                with cur.copy(f"COPY (SELECT {select} FROM {quote_table(table)}) TO STDOUT WITH (FORMAT csv, NULL '\\N')") as copy:
+                    for block in copy:
+                        handle.write(block)
+                        written += bytes(block).count(b"\n")
+                        if progress is not None:
+                            progress(written)
+    except psycopg.Error as exc:
+        raise AuditSourceError(f"cannot read table {table!r} of {redact_url(url)}: {_first_line(exc)}") from None
+
+
+def _csv_header(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def iter_rows(source: Source, sql: str) -> Iterator[tuple[Any, ...]]:
+    """Rows of a read-only query on a database source (used by reconciliation on small tables)."""
+    if source.kind is SourceKind.SQLITE:
+        conn = _sqlite_connect(source.location)
+        try:
+            yield from conn.execute(sql)
+        except sqlite3.Error as exc:
+            raise AuditSourceError(f"cannot read {source.display}: {exc}") from None
+        finally:
+            conn.close()
+        return
+    with _pg_connect(source.location) as conn:
+        yield from conn.execute(sql)
+
