@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import os
 import re
+from decimal import Decimal
 from typing import TYPE_CHECKING
 
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .cli_errors import CliFailure
 from .intent import canonical_decimal
 
-from decimal import Decimal
-
 if TYPE_CHECKING:
     from types import TracebackType
+
+    from rich.console import Console
 
     from .audit.plan import ApplyResult, PlanSummary
     from .audit.report import AuditReport

@@ -16,10 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-SYMBOLS = (
-    "JD TERN TRIP SNDK CYBR GS T AAPL MSFT NVDA AMD TSLA META AMZN GOOG NFLX INTC ORCL CRM ADBE PYPL SHOP UBER LYFT "
-    "SNAP PINS ROKU ZM DOCU PLTR SOFI HOOD COIN RIVN LCID F GM BA DAL UAL CCL XOM CVX KO PEP WMT COST"
-).split()
+SYMBOLS = ["JD", "TERN", "TRIP", "SNDK", "CYBR", "GS", "T", "AAPL", "MSFT", "NVDA", "AMD", "TSLA", "META", "AMZN", "GOOG", "NFLX", "INTC", "ORCL", "CRM", "ADBE", "PYPL", "SHOP", "UBER", "LYFT", "SNAP", "PINS", "ROKU", "ZM", "DOCU", "PLTR", "SOFI", "HOOD", "COIN", "RIVN", "LCID", "F", "GM", "BA", "DAL", "UAL", "CCL", "XOM", "CVX", "KO", "PEP", "WMT", "COST"]
 STRATEGIES = ("momentum", "meanrev", "breakout")
 START = datetime(2026, 1, 20, 14, 30, tzinfo=UTC)
 CENT = Decimal("0.01")

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import AuditSourceError
 from .clusters import Cluster, Verdict, _dec
-from .columns import CASH_NAMES, POSITION_QTY_NAMES, TRADE_ROLES, optional_column, pick_column
+from .columns import CASH_NAMES, POSITION_QTY_NAMES, TRADE_ROLES, pick_column
 from .normalize import NUMERIC, number_expr
 from .source import Source, SourceKind, load_table, parse_source, quote, table_columns
 
