@@ -24,14 +24,19 @@ CENT = Decimal("0.01")
 
 @dataclass
 class Disaster:
+    """What :func:`make_disaster` wrote, as exact decimals: the answers an audit must find."""
+
     path: str
     starting_cash: Decimal
     true_cash: Decimal  # what the cash would be had only the intended trades been recorded
-    recorded_cash: Decimal
-    duplicate_ids: set[int] = field(default_factory=set)
-    legit_ids: set[int] = field(default_factory=set)
-    burst_sizes: dict[str, int] = field(default_factory=dict)  # symbol -> orders in its largest burst
-    positions: dict[str, Decimal] = field(default_factory=dict)
+    recorded_cash: Decimal  # what account.cash holds: every duplicate paid for (stored to the cent)
+    duplicate_ids: set[int] = field(default_factory=set)  # trades.id of every injected duplicate
+    legit_ids: set[int] = field(default_factory=set)  # trades.id of every intended trade (the burst originals too)
+    # symbol -> orders in its burst (the original + burst - 1 duplicates); one burst per symbol, all by
+    # "momentum". A normal trade of that strategy may fall within the window, so the cluster an audit
+    # finds can hold more orders than the burst: its duplicates are burst - 1.
+    burst_sizes: dict[str, int] = field(default_factory=dict)
+    positions: dict[str, Decimal] = field(default_factory=dict)  # symbol -> net quantity held (non-zero only)
 
 
 @dataclass
@@ -50,6 +55,16 @@ def _price(rng: random.Random, base: Decimal, pct: float) -> Decimal:
 
 
 def make_disaster(path: str, *, seed: int = 7, symbols: int = 47, days: int = 4, burst_symbols: int = 40) -> Disaster:
+    """Write a new SQLite database at ``path`` and return what is in it.
+
+    Tables: ``trades(id INTEGER PRIMARY KEY, timestamp TEXT 'YYYY-MM-DD HH:MM:SS.ffffff' UTC, symbol,
+    side ('buy'/'BUY'... mixed case), quantity REAL, price REAL, strategy)``, ``positions(symbol,
+    quantity REAL, avg_cost REAL)`` (the intended trades' non-zero net per symbol) and
+    ``account(id, cash REAL)`` (one row). Quantities are whole, prices to the cent, so each REAL's
+    shortest repr is its exact decimal. ``symbols`` (at most 47) are traded for ``days``; the first
+    ``burst_symbols`` get a burst on the last day (JD 52 orders, TERN 35, TRIP 29, SNDK 24, CYBR 24,
+    GS 22, T 21, the rest 2-20; KO and PEP, if bursting, sell). The same seed writes the same database.
+    """
     rng = random.Random(seed)
     names = SYMBOLS[:symbols]
     base = {s: Decimal(rng.randint(500, 40_000)) / 100 for s in names}

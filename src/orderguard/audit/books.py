@@ -24,7 +24,7 @@ from ..errors import AuditSourceError
 from .clusters import Cluster, Verdict, _dec
 from .columns import CASH_NAMES, POSITION_QTY_NAMES, TRADE_ROLES, pick_column
 from .normalize import NUMERIC, number_expr
-from .source import Source, SourceKind, load_table, parse_source, quote, table_columns
+from .source import Snapshot, Source, SourceKind, load_table, parse_source, quote, table_columns
 
 if TYPE_CHECKING:
     import duckdb
@@ -100,14 +100,17 @@ def _join_columns(trade_cols: TradeColumns, columns: list[str]) -> tuple[tuple[s
     return tuple(mine), tuple(theirs)
 
 
-def load_positions(con: duckdb.DuckDBPyConnection, source: Source, name: str, trade_cols: TradeColumns) -> TableRef:
+def load_positions(
+    con: duckdb.DuckDBPyConnection, source: Source, name: str, trade_cols: TradeColumns, snapshot: Snapshot | None = None,
+) -> TableRef:
     src, table = resolve(source, name)
+    snap = snapshot if src is source else None
     where = f"positions table {name!r}"
-    cols = table_columns(src, table)
+    cols = table_columns(src, table, snap)
     symbol = pick_column(cols, TRADE_ROLES["symbol"], "symbol", where)
     qty = pick_column(cols, POSITION_QTY_NAMES, "position quantity", where)
     join, theirs = _join_columns(trade_cols, [c.name for c in cols])
-    load_table(con, src, table, [*theirs, symbol, qty], "og_positions_raw")
+    load_table(con, src, table, [*theirs, symbol, qty], "og_positions_raw", snapshot=snap)
     kinds = {str(r[0]): str(r[1]).upper() for r in con.execute("DESCRIBE og_positions_raw").fetchall()}
     keys = ", ".join(f"coalesce(CAST({quote(c)} AS VARCHAR), '') AS j{i}" for i, c in enumerate(theirs))
     con.execute(
@@ -120,13 +123,16 @@ def load_positions(con: duckdb.DuckDBPyConnection, source: Source, name: str, tr
     return TableRef(src, table, (*theirs, symbol, qty), join)
 
 
-def load_cash(con: duckdb.DuckDBPyConnection, source: Source, name: str, trade_cols: TradeColumns) -> TableRef:
+def load_cash(
+    con: duckdb.DuckDBPyConnection, source: Source, name: str, trade_cols: TradeColumns, snapshot: Snapshot | None = None,
+) -> TableRef:
     src, table = resolve(source, name)
+    snap = snapshot if src is source else None
     where = f"cash table {name!r}"
-    cols = table_columns(src, table)
+    cols = table_columns(src, table, snap)
     cash = pick_column(cols, CASH_NAMES, "cash", where)
     join, theirs = _join_columns(trade_cols, [c.name for c in cols if c.name != cash])
-    load_table(con, src, table, [*theirs, cash], "og_cash_raw")
+    load_table(con, src, table, [*theirs, cash], "og_cash_raw", snapshot=snap)
     kinds = {str(r[0]): str(r[1]).upper() for r in con.execute("DESCRIBE og_cash_raw").fetchall()}
     keys = ", ".join(f"coalesce(CAST({quote(c)} AS VARCHAR), '') AS j{i}" for i, c in enumerate(theirs))
     con.execute(
@@ -207,7 +213,7 @@ def check_cash(
     flows = {
         tuple(r[:-1]): Decimal(r[-1])
         for r in con.execute(
-            f"SELECT {select_keys}sum(CASE WHEN side = 'SELL' THEN notional ELSE -notional END) FROM og_trades"
+            f"SELECT {select_keys}sum(CASE WHEN side = 'SELL' THEN 1 ELSE -1 END * CAST(qty * price AS {NUMERIC})) FROM og_trades"
             + (f" GROUP BY {group}" if group else "")
         ).fetchall()
     }

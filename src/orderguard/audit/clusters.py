@@ -24,6 +24,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from ..errors import AuditSourceError
+from .normalize import NUMERIC
 
 if TYPE_CHECKING:
     import duckdb
@@ -95,26 +96,32 @@ def find_clusters(con: duckdb.DuckDBPyConnection, scope_width: int, settings: Se
         f"{w_time} * greatest(0, 1 - gap_prev / {window_us}) + {w_size} * least(qty, q1) / greatest(qty, q1) "
         f"+ {w_price} * greatest(0, 1 - abs(price - p1) / (p1 * {settings.price_tolerance}))"
     )
+    # The first pass sorts every trade carrying only its table row number, time and keys (the sort
+    # payload is what costs on millions of rows); only trades with a neighbour within the window are
+    # joined back to their sizes and prices, numbered into clusters and scored. Ties in time keep the
+    # order the source gave them (the table's row number).
     rows = con.execute(
         f"""
         WITH g AS (
-            SELECT *, us - lag(us) OVER w AS gap_prev, lead(us) OVER w - us AS gap_next
-            FROM og_trades WINDOW w AS (PARTITION BY {keys} ORDER BY us, rid)
+            SELECT rowid AS r, us, us - lag(us) OVER w AS gap_prev, lead(us) OVER w - us AS gap_next
+            FROM og_trades WINDOW w AS (PARTITION BY {keys} ORDER BY us, rowid)
         ), m AS (
-            SELECT * FROM g WHERE gap_prev <= {window_us} OR gap_next <= {window_us}
+            SELECT t.*, g.r, g.gap_prev FROM g JOIN og_trades t ON t.rowid = g.r
+            WHERE g.gap_prev <= {window_us} OR g.gap_next <= {window_us}
         ), c AS (
             SELECT *, sum(CASE WHEN gap_prev IS NULL OR gap_prev > {window_us} THEN 1 ELSE 0 END)
                 OVER w AS cl, lag(qty) OVER w AS q1, lag(price) OVER w AS p1
-            FROM m WINDOW w AS (PARTITION BY {keys} ORDER BY us, rid ROWS UNBOUNDED PRECEDING)
+            FROM m WINDOW w AS (PARTITION BY {keys} ORDER BY us, r ROWS UNBOUNDED PRECEDING)
         ), d AS (
             SELECT *, row_number() OVER k AS pos, first_value(rid) OVER k AS rid0,
                    CASE WHEN gap_prev <= {window_us} THEN {score} END AS score
-            FROM c WINDOW k AS (PARTITION BY {keys}, cl ORDER BY us, rid)
+            FROM c WINDOW k AS (PARTITION BY {keys}, cl ORDER BY us, r)
         ), e AS (
-            SELECT *, pos > 1 AND score >= {settings.min_confidence} AS dup FROM d
+            SELECT *, pos > 1 AND score >= {settings.min_confidence} AS dup,
+                   CAST(qty * price AS {NUMERIC}) AS notional FROM d
         )
         SELECT [{', '.join(f's{i}' for i in range(scope_width))}]::VARCHAR[] AS scope, symbol, side, count(*) AS orders,
-               min(us), max(us), any_value(rid0), list(rid ORDER BY us, rid) FILTER (WHERE dup),
+               min(us), max(us), any_value(rid0), list(rid ORDER BY us, r) FILTER (WHERE dup),
                sum(qty) FILTER (WHERE dup), sum(notional) FILTER (WHERE dup),
                coalesce(avg(score) FILTER (WHERE dup), avg(score) FILTER (WHERE pos > 1)),
                max(gap_prev) FILTER (WHERE pos > 1), count(*) FILTER (WHERE dup)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime
+from decimal import Decimal
 from html import escape
 from typing import TYPE_CHECKING
 
@@ -17,14 +18,12 @@ from .clusters import Verdict
 from .report import iso_us
 
 if TYPE_CHECKING:
-    from decimal import Decimal
-
     from .clusters import Cluster
     from .report import AuditReport
 
 COLORS = {Verdict.DUPLICATE: "#d62828", Verdict.POSSIBLE: "#f4a261", Verdict.SCALE_IN: "#8d99ae"}
-TIMELINE_ROWS = 30
-BAR_ROWS = 30
+TIMELINE_ROWS = 50
+BAR_ROWS = 50
 TABLE_ROWS = 300
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d2433;background:#fbfbfd}
@@ -49,7 +48,7 @@ def _qty(value: Decimal) -> str:
 def render_html(report: AuditReport) -> str:
     """The report page as a string (write it with ``open(path, "w").write(...)``)."""
     counts = report.counts()
-    cash_error = sum((c.phantom for c in report.cash or ()), start=report.phantom_notional * 0)
+    cash_error = sum((c.phantom for c in report.cash or ()), Decimal(0))
     cards = [
         ("trades scanned", f"{report.rows:,}", ""),
         ("duplicate orders", f"{report.duplicate_orders:,}", "bad" if report.duplicate_orders else ""),
@@ -102,14 +101,19 @@ def _timeline(report: AuditReport) -> str:
     weight: dict[str, float] = {}
     for c in shown:
         weight[c.symbol] = weight.get(c.symbol, 0.0) + float(c.phantom_notional) + c.orders
-    symbols = sorted(weight, key=lambda s: -weight[s])[:TIMELINE_ROWS]
+    ranked = sorted(weight, key=lambda s: -weight[s])
+    symbols = ranked[:TIMELINE_ROWS]
+    note = (
+        f"<p class='muted'>{len(symbols)} of {len(ranked)} symbols shown (most phantom notional first); "
+        "the clusters table below lists them all.</p>" if len(ranked) > len(symbols) else ""
+    )
     rows = {s: i for i, s in enumerate(symbols)}
     shown = [c for c in shown if c.symbol in rows]
     start, end = min(c.first_us for c in shown), max(c.last_us for c in shown)
     span = max(end - start, 60_000_000)
     left, width, row_h, top = 90, 860, 22, 20
     height = top + row_h * len(symbols) + 40
-    out = [f"<svg role='img' aria-label='timeline of clusters' width='{left + width + 20}' height='{height}' id='timeline'>"]
+    out = [note, f"<svg role='img' aria-label='timeline of clusters' width='{left + width + 20}' height='{height}' id='timeline'>"]
     for s, i in rows.items():
         y = top + i * row_h + row_h / 2
         out.append(f"<text x='{left - 8}' y='{y + 4:.1f}' text-anchor='end' font-size='12'>{escape(s)}</text>")
@@ -135,12 +139,14 @@ def _timeline(report: AuditReport) -> str:
 
 
 def _bars(report: AuditReport) -> str:
-    totals = report.by_symbol()[:BAR_ROWS]
+    every = report.by_symbol()
+    totals = every[:BAR_ROWS]
     if not totals:
         return "<p class='muted'>No duplicates.</p>"
+    note = f"<p class='muted'>{len(totals)} of {len(every)} shown, most phantom notional first.</p>" if len(every) > len(totals) else ""
     top = max(float(t.phantom_notional) for t in totals) or 1.0
     left, width, row_h = 170, 640, 20
-    out = [f"<svg role='img' aria-label='phantom notional per symbol' width='{left + width + 200}' height='{row_h * len(totals) + 10}' id='bars'>"]
+    out = [note, f"<svg role='img' aria-label='phantom notional per symbol' width='{left + width + 200}' height='{row_h * len(totals) + 10}' id='bars'>"]
     for i, t in enumerate(totals):
         y = 5 + i * row_h
         w = max(1.0, width * float(t.phantom_notional) / top)

@@ -180,7 +180,13 @@ def write_plan(report: AuditReport, path: str, *, now: datetime | None = None) -
             lines.append(f"-- check (one cash row for {_key_text(cash_ref.columns[:-1], key)}): expect 1 from SELECT count(*) FROM {quote_table(cash_table)}{where}")
             lines.append(f"UPDATE {quote_table(cash_table)} SET {cash_col} = {cash_col} + {amount}{where};")
             rollback_lines.append(f"-- check (one cash row for {_key_text(cash_ref.columns[:-1], key)}): expect 1 from SELECT count(*) FROM {quote_table(cash_table)}{where}")
-            rollback_lines.append(f"UPDATE {quote_table(cash_table)} SET {cash_col} = {cash_col} - {amount}{where};")
+            # The cash as it was, exactly (a REAL column would not survive + x - x), unless it moved
+            # since the plan was applied: then only this plan's amount is taken back.
+            before = f"(SELECT {cash_col} FROM {quote_table(cash_backup or cash_table)}{where})"
+            rollback_lines.append(
+                f"UPDATE {quote_table(cash_table)} SET {cash_col} = CASE WHEN {cash_col} = {before} + {amount} "
+                f"THEN {before} ELSE {cash_col} - {amount} END{where};"
+            )
     lines.append("COMMIT;")
     rollback_lines.append("COMMIT;")
     rollback_lines.append("-- the backups are kept; once no longer needed: " + " ".join(f"DROP TABLE {quote_table(b)};" for b in backups))

@@ -34,7 +34,7 @@ class SymbolTotal:
     excess_qty: Decimal
     phantom_notional: Decimal
     cash_effect: Decimal  # cash drained (positive) or credited (negative) by the duplicates
-    largest_burst: int
+    largest_burst: int  # orders in its biggest burst: the kept one and its duplicates
     first_us: int
 
 
@@ -105,7 +105,7 @@ class AuditReport:
                 excess_qty=sum((c.excess_qty for c in cs), Decimal(0)),
                 phantom_notional=sum((c.phantom_notional for c in cs), Decimal(0)),
                 cash_effect=sum((c.cash_effect for c in cs), Decimal(0)),
-                largest_burst=max(c.orders for c in cs), first_us=min(c.first_us for c in cs),
+                largest_burst=max(c.repeats for c in cs) + 1, first_us=min(c.first_us for c in cs),
             )
             for (scope, symbol), cs in groups.items()
         ]

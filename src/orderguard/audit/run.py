@@ -13,7 +13,7 @@ from .clusters import Settings, find_clusters
 from .columns import map_trade_columns
 from .normalize import normalize
 from .report import AuditReport
-from .source import Source, SourceKind, list_tables, load_table, parse_source, table_columns
+from .source import Snapshot, Source, SourceKind, list_tables, load_table, parse_source, table_columns
 
 if TYPE_CHECKING:
     import duckdb
@@ -36,10 +36,11 @@ def connect() -> duckdb.DuckDBPyConnection:
         raise AuditSourceError(f"the audit needs its extra: pip install 'orderguard[audit]' ({exc.name} missing)") from None
     con = duckdb.connect(":memory:")
     con.execute("SET TimeZone = 'UTC'")
+    con.execute("SET enable_progress_bar = false")  # it would write into stdout (and --json)
     return con
 
 
-def pick_table(source: Source, table: str | None) -> str | None:
+def pick_table(source: Source, table: str | None, snapshot: Snapshot | None = None) -> str | None:
     """The trades table: as given, else the one conventional name the database has."""
     if not source.is_database:
         if table:
@@ -47,7 +48,7 @@ def pick_table(source: Source, table: str | None) -> str | None:
         return None
     if table:
         return table
-    tables = list_tables(source)
+    tables = list_tables(source, snapshot)
     found = [t for t in TRADE_TABLES if t in tables]
     if len(found) == 1 or (found and found[0] == "trades"):
         return found[0]
@@ -83,12 +84,20 @@ def audit(
     src = source if isinstance(source, Source) else parse_source(source)
     settings = settings or Settings()
     start_cash = _starting(starting_cash)
-    table = pick_table(src, table)
+    given = {"time": time_column, "symbol": symbol, "side": side, "qty": qty, "price": price, "id": id_column}
+    with Snapshot(src) as snap:
+        report = _audit(src, snap, table, settings, start_cash, given, scope, positions, cash, skip_bad_rows, progress)
+    return replace(report, seconds=time.perf_counter() - started)
+
+
+def _audit(
+    src: Source, snap: Snapshot, table: str | None, settings: Settings, start_cash: Decimal | None,
+    given: dict[str, str | None], scope: list[str] | None, positions: str | None, cash: str | None,
+    skip_bad_rows: bool, progress: Progress | None,
+) -> AuditReport:
+    table = pick_table(src, table, snap)
     where = f"table {table!r}" if table else src.location
-    cols = map_trade_columns(
-        table_columns(src, table), where,
-        {"time": time_column, "symbol": symbol, "side": side, "qty": qty, "price": price, "id": id_column}, scope,
-    )
+    cols = map_trade_columns(table_columns(src, table, snap), where, given, scope)
     con = connect()
     try:
         use_rowid = cols.id is None and src.kind is SourceKind.SQLITE
@@ -99,6 +108,7 @@ def audit(
             con, src, table, list(dict.fromkeys(wanted)), "og_raw", rowid=use_rowid,
             progress=progress.advance if progress else None,
             total=(lambda n: progress.phase(f"reading {where}", n)) if progress else None,
+            snapshot=snap,
         )
         if use_rowid:
             cols = replace(cols, id="__og_rowid")
@@ -110,17 +120,19 @@ def audit(
         if progress is not None:
             progress.phase("finding clusters")
         clusters = find_clusters(con, len(cols.scope), settings)
-        row = con.execute(
-            "SELECT min(us), max(us), count(DISTINCT symbol), count(DISTINCT rid) = count(*) FROM og_trades"
-        ).fetchone()
+        row = con.execute("SELECT min(us), max(us), count(DISTINCT symbol) FROM og_trades").fetchone()
         assert row is not None
-        first_us, last_us, symbols, id_unique = row
+        first_us, last_us, symbols = row
+        # only a database source can get a correction plan, which needs a unique row key
+        id_unique = src.is_database and not con.execute(
+            "SELECT 1 FROM og_trades GROUP BY rid HAVING count(*) > 1 LIMIT 1"
+        ).fetchone()
         positions_ref = cash_ref = None
         position_checks = cash_checks = None
         if positions:
             if progress is not None:
                 progress.phase("reconciling positions")
-            positions_ref = load_positions(con, src, positions, cols)
+            positions_ref = load_positions(con, src, positions, cols, snap)
             position_checks = tuple(check_positions(con, positions_ref, cols, clusters))
         report = AuditReport(
             source=src, table=table, columns=cols, settings=settings, rows=norm.rows, skipped_rows=norm.skipped,
@@ -131,13 +143,13 @@ def audit(
         if cash:
             if progress is not None:
                 progress.phase("reconciling cash")
-            cash_ref = load_cash(con, src, cash, cols)
+            cash_ref = load_cash(con, src, cash, cols, snap)
             cash_checks = tuple(check_cash(con, cash_ref, cols, report.fixable(), start_cash))
         elif start_cash is not None:
             raise AuditSourceError("--starting-cash needs --cash TABLE (the cash it is compared with)")
     finally:
         con.close()
-    return replace(report, cash=cash_checks, cash_ref=cash_ref, seconds=time.perf_counter() - started)
+    return replace(report, cash=cash_checks, cash_ref=cash_ref)
 
 
 def _starting(value: Decimal | str | None) -> Decimal | None:

@@ -8,6 +8,7 @@ and an audit must work on a machine without network access. Sources are opened r
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import sqlite3
@@ -152,20 +153,68 @@ def _pg_connect(url: str) -> Any:
     return conn
 
 
+class Snapshot:
+    """One read-only transaction over a database source, so the trades, positions and cash an
+    audit reads are from the same moment (a trade committed together with its position and cash
+    is seen whole or not at all). SQLite: one connection in one read transaction (in WAL mode
+    writers go on; in rollback-journal mode they wait until the reading is done). PostgreSQL:
+    one REPEATABLE READ transaction. For file sources it holds nothing."""
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+        self.conn: Any = None
+
+    def __enter__(self) -> Snapshot:
+        if self.source.kind is SourceKind.SQLITE:
+            conn = _sqlite_connect(self.source.location)
+            conn.isolation_level = None
+            conn.execute("BEGIN")
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # the read snapshot starts here
+            self.conn = conn
+        elif self.source.kind is SourceKind.POSTGRES:
+            import psycopg
+
+            conn = _pg_connect(self.source.location)
+            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            self.conn = conn
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.rollback() if self.source.kind is SourceKind.POSTGRES else self.conn.execute("ROLLBACK")
+            self.conn.close()
+            self.conn = None
+
+
+@contextlib.contextmanager
+def _connection(source: Source, snapshot: Snapshot | None) -> Iterator[Any]:
+    """The snapshot's connection, or a fresh read-only one closed afterwards."""
+    if snapshot is not None and snapshot.conn is not None:
+        yield snapshot.conn
+        return
+    if source.kind is SourceKind.SQLITE:
+        conn = _sqlite_connect(source.location)
+        try:
+            yield conn
+        finally:
+            conn.close()
+        return
+    with _pg_connect(source.location) as pg:
+        yield pg
+
+
 def _pg_split(table: str) -> tuple[str, str]:
     return (table.split(".", 1)[0], table.split(".", 1)[1]) if "." in table else ("public", table)
 
 
-def list_tables(source: Source) -> list[str]:
+def list_tables(source: Source, snapshot: Snapshot | None = None) -> list[str]:
     """The tables of a database source (``schema.table`` for PostgreSQL schemas other than public)."""
     if source.kind is SourceKind.SQLITE:
-        conn = _sqlite_connect(source.location)
-        try:
+        with _connection(source, snapshot) as conn:
             return [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type IN ('table','view') ORDER BY name")]
-        finally:
-            conn.close()
     if source.kind is SourceKind.POSTGRES:
-        with _pg_connect(source.location) as conn:
+        with _connection(source, snapshot) as conn:
             rows = conn.execute(
                 "SELECT table_schema, table_name FROM information_schema.tables "
                 "WHERE table_schema NOT IN ('pg_catalog','information_schema') ORDER BY 1, 2"
@@ -174,31 +223,28 @@ def list_tables(source: Source) -> list[str]:
     return []
 
 
-def table_columns(source: Source, table: str | None) -> list[Column]:
+def table_columns(source: Source, table: str | None, snapshot: Snapshot | None = None) -> list[Column]:
     """The columns of ``table`` (or of the file), in order; a missing table is named with the ones there are."""
     if source.kind is SourceKind.SQLITE:
         assert table is not None
         check_name(table, "table")
-        conn = _sqlite_connect(source.location)
-        try:
+        with _connection(source, snapshot) as conn:
             rows = conn.execute(f"PRAGMA table_info({quote(table)})").fetchall()
-        finally:
-            conn.close()
         if not rows:
-            _missing_table(source, table)
+            _missing_table(source, table, snapshot)
         return [Column(r[1], (r[2] or "").upper()) for r in rows]
     if source.kind is SourceKind.POSTGRES:
         assert table is not None
         check_name(table, "table")
         schema, name = _pg_split(table)
-        with _pg_connect(source.location) as conn:
+        with _connection(source, snapshot) as conn:
             rows = conn.execute(
                 "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = %s AND table_name = %s "
                 "ORDER BY ordinal_position",
                 (schema, name),
             ).fetchall()
         if not rows:
-            _missing_table(source, table)
+            _missing_table(source, table, snapshot)
         return [Column(r[0], str(r[1]).upper()) for r in rows]
     import duckdb
 
@@ -214,8 +260,8 @@ def table_columns(source: Source, table: str | None) -> list[Column]:
     return [Column(r[0], str(r[1]).upper()) for r in rows]
 
 
-def _missing_table(source: Source, table: str) -> None:
-    there = ", ".join(list_tables(source)) or "none"
+def _missing_table(source: Source, table: str, snapshot: Snapshot | None = None) -> None:
+    there = ", ".join(list_tables(source, snapshot)) or "none"
     raise AuditSourceError(f"no table {table!r} in {source.display} (tables: {there}); pass --table NAME")
 
 
@@ -242,6 +288,7 @@ def load_table(
     rowid: bool = False,
     progress: Callable[[int], None] | None = None,
     total: Callable[[int], None] | None = None,
+    snapshot: Snapshot | None = None,
 ) -> int:
     """Create DuckDB table ``into`` holding ``columns`` of the source (plus ``__og_rowid``, SQLite's
     rowid, when ``rowid``); returns its row count. File sources are read in place."""
@@ -261,10 +308,11 @@ def load_table(
     names = [*columns, "__og_rowid"] if rowid else list(columns)
     with tempfile.TemporaryDirectory(prefix="orderguard-audit-") as folder:
         path = os.path.join(folder, "table.csv")
-        if source.kind is SourceKind.SQLITE:
-            _sqlite_to_csv(source.location, table, columns, rowid, path, progress, total)
-        else:
-            _pg_to_csv(source.location, table, columns, path, progress, total)
+        with _connection(source, snapshot) as conn:
+            if source.kind is SourceKind.SQLITE:
+                _sqlite_to_csv(conn, source.location, table, columns, rowid, path, progress, total)
+            else:
+                _pg_to_csv(conn, source.location, table, columns, path, progress, total)
         types = "{" + ", ".join(f"{sql_string(n)}: 'VARCHAR'" for n in names) + "}"
         try:
             con.execute(
@@ -287,10 +335,9 @@ def _sqlite_value(value: object) -> object:
 
 
 def _sqlite_to_csv(
-    path: str, table: str, columns: list[str], rowid: bool, out: str,
+    conn: sqlite3.Connection, path: str, table: str, columns: list[str], rowid: bool, out: str,
     progress: Callable[[int], None] | None, total: Callable[[int], None] | None,
 ) -> None:
-    conn = _sqlite_connect(path)
     select = ", ".join(quote(c) for c in columns) + (", rowid" if rowid else "")
     written = 0
     try:
@@ -307,12 +354,10 @@ def _sqlite_to_csv(
                     progress(written)
     except sqlite3.Error as exc:
         raise AuditSourceError(f"cannot read table {table!r} of {path}: {exc}") from None
-    finally:
-        conn.close()
 
 
 def _pg_to_csv(
-    url: str, table: str, columns: list[str], out: str,
+    conn: Any, url: str, table: str, columns: list[str], out: str,
     progress: Callable[[int], None] | None, total: Callable[[int], None] | None,
 ) -> None:
     import psycopg
@@ -320,37 +365,20 @@ def _pg_to_csv(
     select = ", ".join(f"{quote(c)}::text" for c in columns)
     written = 0
     try:
-        with _pg_connect(url) as conn:
-            if total is not None:
-                total(int(conn.execute(f"SELECT count(*) FROM {quote_table(table)}").fetchone()[0]))
-            with conn.cursor() as cur, open(out, "wb") as handle:
-                header = ",".join(_csv_header(c) for c in columns) + "\n"
-                handle.write(header.encode())
-                with cur.copy(f"COPY (SELECT {select} FROM {quote_table(table)}) TO STDOUT WITH (FORMAT csv, NULL '\\N')") as copy:
-                    for block in copy:
-                        handle.write(block)
-                        written += bytes(block).count(b"\n")
-                        if progress is not None:
-                            progress(written)
+        if total is not None:
+            total(int(conn.execute(f"SELECT count(*) FROM {quote_table(table)}").fetchone()[0]))
+        with conn.cursor() as cur, open(out, "wb") as handle:
+            header = ",".join(_csv_header(c) for c in columns) + "\n"
+            handle.write(header.encode())
+            with cur.copy(f"COPY (SELECT {select} FROM {quote_table(table)}) TO STDOUT WITH (FORMAT csv, NULL '\\N')") as copy:
+                for block in copy:
+                    handle.write(block)
+                    written += bytes(block).count(b"\n")
+                    if progress is not None:
+                        progress(written)
     except psycopg.Error as exc:
         raise AuditSourceError(f"cannot read table {table!r} of {redact_url(url)}: {_first_line(exc)}") from None
 
 
 def _csv_header(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
-
-
-def iter_rows(source: Source, sql: str) -> Iterator[tuple[Any, ...]]:
-    """Rows of a read-only query on a database source (used by reconciliation on small tables)."""
-    if source.kind is SourceKind.SQLITE:
-        conn = _sqlite_connect(source.location)
-        try:
-            yield from conn.execute(sql)
-        except sqlite3.Error as exc:
-            raise AuditSourceError(f"cannot read {source.display}: {exc}") from None
-        finally:
-            conn.close()
-        return
-    with _pg_connect(source.location) as conn:
-        yield from conn.execute(sql)
-
