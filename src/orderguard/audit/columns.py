@@ -92,7 +92,7 @@ def map_trade_columns(
     detected: list[str] = []
     for role in (*TRADE_ROLES, "id"):
         name = given.get(role)
-        if name:
+        if name is not None:  # an empty name is refused, not taken as "find it"
             chosen[role] = _given(columns, name, role, where)
     taken = set(chosen.values())
     for role, candidates in TRADE_ROLES.items():

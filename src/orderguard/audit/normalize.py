@@ -41,8 +41,9 @@ class Normalized:
 
 def _epoch_us(number: str) -> str:
     # a Unix time in seconds, milliseconds or microseconds, told apart by magnitude
+    # TRY_CAST: an infinite, NaN or out-of-range number is no time (NULL, refused with the row)
     return (
-        f"CAST(round(CASE WHEN abs({number}) < 1e11 THEN {number} * 1e6 WHEN abs({number}) < 1e14 "
+        f"TRY_CAST(round(CASE WHEN abs({number}) < 1e11 THEN {number} * 1e6 WHEN abs({number}) < 1e14 "
         f"THEN {number} * 1e3 ELSE {number} END) AS BIGINT)"
     )
 
@@ -75,12 +76,13 @@ def side_expr(column: str) -> str:
 
 def normalize(
     con: duckdb.DuckDBPyConnection, raw: str, cols: TradeColumns, where: str, *, skip_bad_rows: bool = False,
+    id_type: str = "",
 ) -> Normalized:
     """Build ``og_trades`` from the raw relation ``raw``; rows that do not parse are an error naming
     the column, how many rows and examples, unless ``skip_bad_rows`` (then they are counted and left out)."""
     kinds = {str(r[0]): str(r[1]).upper() for r in con.execute(f"DESCRIBE {quote(raw)}").fetchall()}
     rid_is_row_number = cols.id is None
-    rid = "row_number() OVER ()" if cols.id is None else _rid_expr(con, raw, cols.id, kinds[cols.id])
+    rid = "row_number() OVER ()" if cols.id is None else _rid_expr(con, raw, cols.id, id_type or kinds[cols.id])
     scope = ", ".join(f"coalesce(CAST({quote(c)} AS VARCHAR), '') AS s{i}" for i, c in enumerate(cols.scope))
     parsed = {
         "time": time_expr(cols.time, kinds[cols.time]),
@@ -136,14 +138,22 @@ def normalize(
     return Normalized(total - skipped, skipped, negative, rid_is_row_number, tuple(warnings))
 
 
-def _rid_expr(con: duckdb.DuckDBPyConnection, raw: str, column: str, kind: str) -> str:
+def _rid_expr(con: duckdb.DuckDBPyConnection, raw: str, column: str, declared: str) -> str:
+    # Row keys keep the source's kind: integers stay integers, text stays text ('0001' is not 1),
+    # so a correction plan names the rows exactly as the source does. Undeclared (SQLite) and text
+    # columns of files count as integers only when every value is an integer written plainly.
     col = quote(column)
-    if kind.startswith(("BIGINT", "INT", "SMALLINT", "TINYINT", "UBIGINT", "UINTEGER", "HUGEINT")):
+    kind = declared.upper()
+    if "INT" in kind and not kind.startswith(("INTERVAL", "POINT")):
         return f"CAST({col} AS BIGINT)"
+    if kind not in ("", "VARCHAR"):
+        return f"CAST({col} AS VARCHAR)"
+    text = f"CAST({col} AS VARCHAR)"
     row = con.execute(
-        f"SELECT count(*) FILTER (WHERE {col} IS NOT NULL AND TRY_CAST({col} AS BIGINT) IS NULL) FROM {quote(raw)}"
+        f"SELECT count(*) FILTER (WHERE {col} IS NOT NULL AND (TRY_CAST({text} AS BIGINT) IS NULL "
+        f"OR CAST(TRY_CAST({text} AS BIGINT) AS VARCHAR) != {text})) FROM {quote(raw)}"
     ).fetchone()
-    return f"CAST({col} AS BIGINT)" if row is not None and row[0] == 0 else f"CAST({col} AS VARCHAR)"
+    return f"CAST({col} AS BIGINT)" if row is not None and row[0] == 0 else text
 
 
 def _examples(con: duckdb.DuckDBPyConnection, raw: str, cols: TradeColumns, column: str, condition: str, rid: str) -> str:
@@ -156,5 +166,5 @@ def _examples(con: duckdb.DuckDBPyConnection, raw: str, cols: TradeColumns, colu
         f"SELECT r.rid, r.value FROM ({sql}) r JOIN og_parsed p ON p.rid = r.rid WHERE {condition.format(p='p.')} "
         f"ORDER BY r.rid LIMIT {EXAMPLES}"
     ).fetchall()
-    label = "row" if cols.id is None else cols.id
+    label = "row" if cols.id is None else ("rowid" if cols.id == "__og_rowid" else cols.id)
     return "; ".join(f"{label} {r[0]}: {r[1]!r}" for r in rows)

@@ -11,9 +11,11 @@ written (run an edited plan by hand). One statement per line.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
+import secrets
 import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -58,6 +60,11 @@ class ApplyResult:
     inserted: int
 
 
+def _table_sql(source: Source, table: str) -> str:
+    """A table name in SQL: PostgreSQL's may be schema-qualified; a SQLite name is one name, dots and all."""
+    return quote_table(table) if source.kind is SourceKind.POSTGRES else quote(table)
+
+
 def rollback_path(plan: str) -> str:
     base, ext = os.path.splitext(plan)
     return f"{base}.rollback{ext or '.sql'}"
@@ -73,9 +80,11 @@ def _chunks(ids: list[Any]) -> list[list[Any]]:
     return [ids[i : i + IDS_PER_STATEMENT] for i in range(0, len(ids), IDS_PER_STATEMENT)]
 
 
-def _backup_name(source: Source, table: str, stamp: str) -> str:
+def _backup_name(source: Source, table: str, stamp: str, token: str, index: int) -> str:
+    """``og_backup_<UTC stamp>_<plan token><n>_<table>``: unique per plan and per table even when
+    PostgreSQL's 63-byte limit cuts the table's name."""
     schema, _, name = table.rpartition(".") if source.kind is SourceKind.POSTGRES and "." in table else ("", "", table)
-    backup = f"og_backup_{stamp}_{name}"
+    backup = f"og_backup_{stamp}_{token}{index}_{name}"
     if source.kind is SourceKind.POSTGRES:
         backup = backup.encode()[:PG_NAME_LIMIT].decode(errors="ignore")
     return f"{schema}.{backup}" if schema else backup
@@ -111,18 +120,20 @@ def write_plan(report: AuditReport, path: str, *, now: datetime | None = None) -
     if not fixable:
         raise AuditPlanError("nothing to correct: no duplicate cluster is confirmed as phantom" + _why(left_alone))
     stamp = (now or datetime.now(UTC)).strftime("%Y%m%d%H%M%S")
+    token = secrets.token_hex(2)
+    _check_free(path)
     pg = source.kind is SourceKind.POSTGRES
     trades_cols = [c.name for c in table_columns(source, table)]
     rowid_only = cols.id == "rowid" and "rowid" not in [c.lower() for c in trades_cols]
-    trades_q, key_q, symbol_q = quote_table(table), quote(cols.id), quote(cols.symbol)
-    backup = _backup_name(source, table, stamp)
+    trades_q, key_q, symbol_q = _table_sql(source, table), quote(cols.id), quote(cols.symbol)
+    backup = _backup_name(source, table, stamp, token, 1)
     backups = [backup]
     copy_cols = ([f'"rowid" AS {quote("og_rowid")}'] if rowid_only else []) + [quote(c) for c in trades_cols]
     lines = ["BEGIN;" if pg else "BEGIN IMMEDIATE;"]
-    lines.append(f"CREATE TABLE {quote_table(backup)} AS SELECT {', '.join(copy_cols)} FROM {trades_q};")
+    lines.append(f"CREATE TABLE {_table_sql(source, backup)} AS SELECT {', '.join(copy_cols)} FROM {trades_q};")
     lines.append(
         f"-- check (the backup {backup} holds every row of {table}): expect 1 from SELECT CASE WHEN "
-        f"(SELECT count(*) FROM {quote_table(backup)}) = (SELECT count(*) FROM {trades_q}) THEN 1 ELSE 0 END"
+        f"(SELECT count(*) FROM {_table_sql(source, backup)}) = (SELECT count(*) FROM {trades_q}) THEN 1 ELSE 0 END"
     )
     cash_ref = report.cash_ref
     cash_delta: dict[tuple[str, ...], Decimal] = {}
@@ -130,12 +141,12 @@ def write_plan(report: AuditReport, path: str, *, now: datetime | None = None) -
     if cash_ref is not None and report.cash is not None:
         cash_table = cash_ref.table
         assert cash_table is not None
-        cash_backup = _backup_name(source, cash_table, stamp)
+        cash_backup = _backup_name(source, cash_table, stamp, token, 2)
         backups.append(cash_backup)
-        lines.append(f"CREATE TABLE {quote_table(cash_backup)} AS SELECT * FROM {quote_table(cash_table)};")
+        lines.append(f"CREATE TABLE {_table_sql(source, cash_backup)} AS SELECT * FROM {_table_sql(source, cash_table)};")
         lines.append(
             f"-- check (the backup {cash_backup} holds every row of {cash_table}): expect 1 from SELECT CASE WHEN "
-            f"(SELECT count(*) FROM {quote_table(cash_backup)}) = (SELECT count(*) FROM {quote_table(cash_table)}) THEN 1 ELSE 0 END"
+            f"(SELECT count(*) FROM {_table_sql(source, cash_backup)}) = (SELECT count(*) FROM {_table_sql(source, cash_table)}) THEN 1 ELSE 0 END"
         )
         cash_delta = {c.key: c.phantom for c in report.cash if c.phantom}
     deleted: list[Any] = []
@@ -159,7 +170,7 @@ def write_plan(report: AuditReport, path: str, *, now: datetime | None = None) -
     backup_key = quote("og_rowid") if rowid_only else key_q
     rollback_lines.append(
         f"-- check (the backup {backup} still holds the {len(deleted)} rows): expect {len(deleted)} from "
-        f"SELECT count(*) FROM {quote_table(backup)} WHERE {backup_key} IN ({all_ids})"
+        f"SELECT count(*) FROM {_table_sql(source, backup)} WHERE {backup_key} IN ({all_ids})"
     )
     insert_cols = (['"rowid"'] if rowid_only else []) + [quote(c) for c in trades_cols]
     select_cols = ([quote("og_rowid")] if rowid_only else []) + [quote(c) for c in trades_cols]
@@ -167,7 +178,7 @@ def write_plan(report: AuditReport, path: str, *, now: datetime | None = None) -
     for chunk in _chunks(deleted):
         rollback_lines.append(
             f"INSERT INTO {trades_q} ({', '.join(insert_cols)}){override} SELECT {', '.join(select_cols)} "
-            f"FROM {quote_table(backup)} WHERE {backup_key} IN ({', '.join(_literal(i) for i in chunk)});"
+            f"FROM {_table_sql(source, backup)} WHERE {backup_key} IN ({', '.join(_literal(i) for i in chunk)});"
         )
     if cash_ref is not None and cash_delta:
         cash_table = cash_ref.table
@@ -177,19 +188,19 @@ def write_plan(report: AuditReport, path: str, *, now: datetime | None = None) -
             where = _key_condition(cash_ref.columns[:-1], key)
             amount = canonical_decimal(delta)
             lines.append(f"-- cash of {_key_text(cash_ref.columns[:-1], key)}: + {amount} drained by the phantom duplicates above")
-            lines.append(f"-- check (one cash row for {_key_text(cash_ref.columns[:-1], key)}): expect 1 from SELECT count(*) FROM {quote_table(cash_table)}{where}")
-            lines.append(f"UPDATE {quote_table(cash_table)} SET {cash_col} = {cash_col} + {amount}{where};")
-            rollback_lines.append(f"-- check (one cash row for {_key_text(cash_ref.columns[:-1], key)}): expect 1 from SELECT count(*) FROM {quote_table(cash_table)}{where}")
+            lines.append(f"-- check (one cash row for {_key_text(cash_ref.columns[:-1], key)}): expect 1 from SELECT count(*) FROM {_table_sql(source, cash_table)}{where}")
+            lines.append(f"UPDATE {_table_sql(source, cash_table)} SET {cash_col} = {cash_col} + {amount}{where};")
+            rollback_lines.append(f"-- check (one cash row for {_key_text(cash_ref.columns[:-1], key)}): expect 1 from SELECT count(*) FROM {_table_sql(source, cash_table)}{where}")
             # The cash as it was, exactly (a REAL column would not survive + x - x), unless it moved
             # since the plan was applied: then only this plan's amount is taken back.
-            before = f"(SELECT {cash_col} FROM {quote_table(cash_backup or cash_table)}{where})"
+            before = f"(SELECT {cash_col} FROM {_table_sql(source, cash_backup or cash_table)}{where})"
             rollback_lines.append(
-                f"UPDATE {quote_table(cash_table)} SET {cash_col} = CASE WHEN {cash_col} = {before} + {amount} "
+                f"UPDATE {_table_sql(source, cash_table)} SET {cash_col} = CASE WHEN {cash_col} = {before} + {amount} "
                 f"THEN {before} ELSE {cash_col} - {amount} END{where};"
             )
     lines.append("COMMIT;")
     rollback_lines.append("COMMIT;")
-    rollback_lines.append("-- the backups are kept; once no longer needed: " + " ".join(f"DROP TABLE {quote_table(b)};" for b in backups))
+    rollback_lines.append("-- the backups are kept; once no longer needed: " + " ".join(f"DROP TABLE {_table_sql(source, b)};" for b in backups))
     verified = (
         "UNVERIFIED: no positions table was given, so nothing confirmed these duplicates were never held; "
         "audit again with --positions before applying"
@@ -213,19 +224,33 @@ def write_plan(report: AuditReport, path: str, *, now: datetime | None = None) -
         f"-- source: {source.display}  table: {table}",
         "-- apply with: orderguard audit SOURCE --apply THIS_FILE",
     ]
-    _write(path, _sealed(lines, header))
-    _write(rollback_path(path), _sealed(rollback_lines, rollback_header))
+    _write_pair(path, _sealed(lines, header), _sealed(rollback_lines, rollback_header))
     return PlanSummary(path, rollback_path(path), len(deleted), len(fixable), cash_delta, tuple(backups), tuple(left_alone))
 
 
-def _write(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise AuditPlanError(f"cannot write {path}: folder {folder} does not exist")
-    if os.path.exists(path):
-        raise AuditPlanError(f"{path} exists; a plan is never overwritten (choose another name)")
-    with open(path, "x", encoding="utf-8") as handle:
-        handle.write(text)
+def _check_free(path: str) -> None:
+    for target in (path, rollback_path(path)):
+        folder = os.path.dirname(os.path.abspath(target))
+        if not os.path.isdir(folder):
+            raise AuditPlanError(f"cannot write {target}: folder {folder} does not exist")
+        if os.path.exists(target):
+            raise AuditPlanError(f"{target} exists; a plan and its rollback are never overwritten (choose another name)")
+
+
+def _write_pair(path: str, plan: str, rollback: str) -> None:
+    """Both files or neither."""
+    _check_free(path)
+    written: list[str] = []
+    try:
+        for target, text in ((rollback_path(path), rollback), (path, plan)):
+            with open(target, "x", encoding="utf-8") as handle:
+                written.append(target)
+                handle.write(text)
+    except OSError as exc:
+        for target in written:
+            with contextlib.suppress(OSError):
+                os.remove(target)
+        raise AuditPlanError(f"cannot write {path}: {exc.strerror}; no plan was written") from None
 
 
 def _key_condition(columns: tuple[str, ...], key: tuple[str, ...]) -> str:
@@ -299,13 +324,39 @@ def read_plan(path: str) -> tuple[list[str], list[_Step]]:
             steps.append(_Step(match["sql"], (match["why"], match["value"])))
         elif not line.startswith("--"):
             steps.append(_Step(line.rstrip(";"), None))
-    kinds = [s.sql.split(" ", 1)[0].upper() for s in steps if s.check is None]
-    changes = [i for i, k in enumerate(kinds) if k in ("DELETE", "UPDATE", "INSERT")]
-    if kinds[:1] != ["BEGIN"] or kinds[-1:] != ["COMMIT"]:
+    statements = [step.sql for step in steps if step.check is None]
+    kinds = [sql.split(" ", 1)[0].upper() for sql in statements]
+    if kinds[:1] != ["BEGIN"] or kinds[-1:] != ["COMMIT"] or kinds.count("BEGIN") != 1 or kinds.count("COMMIT") != 1:
         raise AuditPlanError(f"{path} does not run in one transaction; refused")
-    if "DELETE" in kinds and ("CREATE" not in kinds or kinds.index("CREATE") > min(changes)):
-        raise AuditPlanError(f"{path} deletes rows without taking a backup first; refused")
+    _require_backups(path, statements)
     return head.splitlines(), steps
+
+
+_BACKUP = re.compile(r'^CREATE TABLE (?P<backup>.+?) AS SELECT .* FROM (?P<table>"(?:[^"]|"")*"(?:\."(?:[^"]|"")*")?)$')
+_CHANGE = re.compile(r'^(?:DELETE FROM|UPDATE) (?P<table>"(?:[^"]|"")*"(?:\."(?:[^"]|"")*")?) ')
+_RESTORE = re.compile(r'^INSERT INTO .* FROM (?P<backup>"(?:[^"]|"")*"(?:\."(?:[^"]|"")*")?) WHERE ')
+
+
+def _require_backups(path: str, statements: list[str]) -> None:
+    """Every table a plan deletes from or updates was copied whole earlier in the same transaction;
+    a rollback restores from such a copy. Otherwise the plan is refused."""
+    backed_up: set[str] = set()
+    backups: set[str] = set()
+    restores = False
+    for sql in statements:
+        made = _BACKUP.match(sql)
+        if made:
+            backed_up.add(made["table"])
+            backups.add(made["backup"])
+            continue
+        if _RESTORE.match(sql):
+            restores = True
+            continue
+        changed = _CHANGE.match(sql)
+        if changed and changed["table"] not in backed_up and not restores:
+            raise AuditPlanError(f"{path} changes {changed['table']} without taking a backup of it first; refused")
+        if not changed and sql.split(" ", 1)[0].upper() not in ("BEGIN", "COMMIT"):
+            raise AuditPlanError(f"{path} holds a statement orderguard plans never hold ({sql[:60]}...); refused")
 
 
 def apply_plan(source: Source | str, path: str) -> ApplyResult:
@@ -320,6 +371,17 @@ def apply_plan(source: Source | str, path: str) -> ApplyResult:
     if src.kind is SourceKind.SQLITE:
         return _run_sqlite(src.location, steps, path)
     return _run_postgres(src.location, steps, path)
+
+
+def _check_value(conn: Any, step: _Step, path: str) -> Any:
+    try:
+        row = conn.execute(step.sql).fetchone()
+    except Exception as exc:  # sqlite3.Error or psycopg.Error: the check could not even run
+        assert step.check is not None
+        raise AuditPlanError(
+            f"{path}: check ({step.check[0]}) could not run: {str(exc).strip().splitlines()[0]}; nothing was changed"
+        ) from None
+    return None if row is None else row[0]
 
 
 def _tally(result: dict[str, int], sql: str, rowcount: int) -> None:
@@ -337,10 +399,10 @@ def _refuse(path: str, why: str, expected: str, got: Any) -> AuditPlanError:
 
 
 def _failed(path: str, sql: str, error: str) -> AuditPlanError:
-    if sql.startswith("CREATE TABLE") and "already exists" in error:
+    if sql.startswith("CREATE TABLE") and ("already exists" in error or "pg_type_typname_nsp_index" in error):
         return AuditPlanError(
-            f"{path}: its backup table exists already, so this plan was applied before ({error}); nothing was changed. "
-            f"To undo it, apply {rollback_path(path)}"
+            f"{path}: its backup table exists already: this plan was applied before, or another process is applying "
+            f"it right now ({error}); nothing was changed. To undo an applied plan, apply {rollback_path(path)}"
         )
     return AuditPlanError(f"{path}: {sql[:100]}... failed: {error}; nothing was changed")
 
@@ -354,8 +416,7 @@ def _run_sqlite(db: str, steps: list[_Step], path: str) -> ApplyResult:
     try:
         for step in steps:
             if step.check is not None:
-                row = conn.execute(step.sql).fetchone()
-                got = None if row is None else row[0]
+                got = _check_value(conn, step, path)
                 checks += 1
                 if str(got) != step.check[1]:
                     raise _refuse(path, step.check[0], step.check[1], got)
@@ -387,8 +448,7 @@ def _run_postgres(url: str, steps: list[_Step], path: str) -> ApplyResult:
     try:
         for step in steps:
             if step.check is not None:
-                row = conn.execute(step.sql).fetchone()
-                got = None if row is None else row[0]
+                got = _check_value(conn, step, path)
                 checks += 1
                 if str(got) != step.check[1]:
                     raise _refuse(path, step.check[0], step.check[1], got)

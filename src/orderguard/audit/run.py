@@ -13,7 +13,7 @@ from .clusters import Settings, find_clusters
 from .columns import map_trade_columns
 from .normalize import normalize
 from .report import AuditReport
-from .source import Snapshot, Source, SourceKind, list_tables, load_table, parse_source, table_columns
+from .source import Snapshot, Source, check_name, has_rowid, list_tables, load_table, parse_source, table_columns
 
 if TYPE_CHECKING:
     import duckdb
@@ -43,10 +43,11 @@ def connect() -> duckdb.DuckDBPyConnection:
 def pick_table(source: Source, table: str | None, snapshot: Snapshot | None = None) -> str | None:
     """The trades table: as given, else the one conventional name the database has."""
     if not source.is_database:
-        if table:
+        if table is not None:
             raise AuditSourceError(f"--table applies to databases; {source.location} is a {source.kind.value.upper()} file")
         return None
-    if table:
+    if table is not None:
+        check_name(table, "table")
         return table
     tables = list_tables(source, snapshot)
     found = [t for t in TRADE_TABLES if t in tables]
@@ -97,10 +98,13 @@ def _audit(
 ) -> AuditReport:
     table = pick_table(src, table, snap)
     where = f"table {table!r}" if table else src.location
-    cols = map_trade_columns(table_columns(src, table, snap), where, given, scope)
+    columns = table_columns(src, table, snap)
+    cols = map_trade_columns(columns, where, given, scope)
+    import duckdb
+
     con = connect()
     try:
-        use_rowid = cols.id is None and src.kind is SourceKind.SQLITE
+        use_rowid = cols.id is None and table is not None and has_rowid(src, table, snap)
         wanted = [*cols.scope, cols.time, cols.symbol, cols.side, cols.qty, cols.price, *([cols.id] if cols.id else [])]
         if progress is not None:
             progress.phase(f"reading {where}")
@@ -114,7 +118,8 @@ def _audit(
             cols = replace(cols, id="__og_rowid")
         if progress is not None:
             progress.phase("checking values")
-        norm = normalize(con, "og_raw", cols, where, skip_bad_rows=skip_bad_rows)
+        id_type = "INTEGER" if use_rowid else next((c.type for c in columns if c.name == cols.id), "")
+        norm = normalize(con, "og_raw", cols, where, skip_bad_rows=skip_bad_rows, id_type=id_type)
         if use_rowid:
             cols = replace(cols, id="rowid")
         if progress is not None:
@@ -129,7 +134,7 @@ def _audit(
         ).fetchone()
         positions_ref = cash_ref = None
         position_checks = cash_checks = None
-        if positions:
+        if positions is not None:
             if progress is not None:
                 progress.phase("reconciling positions")
             positions_ref = load_positions(con, src, positions, cols, snap)
@@ -140,13 +145,15 @@ def _audit(
             positions=position_checks, cash=None, positions_ref=positions_ref, cash_ref=None,
             id_unique=bool(id_unique) and not norm.rid_is_row_number, warnings=norm.warnings, seconds=0.0,
         )
-        if cash:
+        if cash is not None:
             if progress is not None:
                 progress.phase("reconciling cash")
             cash_ref = load_cash(con, src, cash, cols, snap)
             cash_checks = tuple(check_cash(con, cash_ref, cols, report.fixable(), start_cash))
         elif start_cash is not None:
             raise AuditSourceError("--starting-cash needs --cash TABLE (the cash it is compared with)")
+    except duckdb.Error as exc:  # e.g. bytes that are not UTF-8 past the part DuckDB sniffed
+        raise AuditSourceError(f"cannot read {where} of {src.display}: {str(exc).strip().splitlines()[0]}") from None
     finally:
         con.close()
     return replace(report, cash=cash_checks, cash_ref=cash_ref)

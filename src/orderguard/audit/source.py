@@ -59,12 +59,19 @@ class Source:
 
 
 def redact_url(url: str) -> str:
+    """``url`` with the password of its user part and any ``password=`` parameter shown as ``***``."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, hostport = netloc.rsplit("@", 1)
+        if ":" in userinfo:
+            netloc = f"{userinfo.split(':', 1)[0]}:***@{hostport}"
+    query = "&".join(
+        f"{key}=***" if key.lower() in ("password", "sslpassword") else (f"{key}={value}" if value or "=" in pair else key)
+        for pair in parts.query.split("&") if pair
+        for key, _, value in [pair.partition("=")]
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def parse_source(text: str) -> Source:
@@ -78,8 +85,12 @@ def parse_source(text: str) -> Source:
         text = text[len("sqlite://"):]
     elif "://" in text:
         raise AuditSourceError(f"unsupported source {redact_url(text)}: use a postgresql:// URL, sqlite:///path or a file path")
-    if not os.path.exists(text):
-        raise AuditSourceError(f"source {text} does not exist")
+    try:
+        os.stat(text)
+    except FileNotFoundError:
+        raise AuditSourceError(f"source {text} does not exist") from None
+    except OSError as exc:  # a folder on the way that this user may not enter, a name too long
+        raise AuditSourceError(f"cannot read source {text}: {exc.strerror}") from None
     if os.path.isdir(text):
         raise AuditSourceError(f"source {text} is a folder; give the file itself")
     try:
@@ -258,6 +269,18 @@ def table_columns(source: Source, table: str | None, snapshot: Snapshot | None =
     if not rows:
         raise AuditSourceError(f"{source.location} has no columns")
     return [Column(r[0], str(r[1]).upper()) for r in rows]
+
+
+def has_rowid(source: Source, table: str, snapshot: Snapshot | None = None) -> bool:
+    """Whether a SQLite table has a rowid to stand in as its row key (WITHOUT ROWID tables and views do not)."""
+    if source.kind is not SourceKind.SQLITE:
+        return False
+    with _connection(source, snapshot) as conn:
+        try:
+            row = conn.execute(f"SELECT rowid FROM {quote(table)} LIMIT 1").fetchone()
+        except sqlite3.Error:
+            return False
+    return row is None or row[0] is not None
 
 
 def _missing_table(source: Source, table: str, snapshot: Snapshot | None = None) -> None:
