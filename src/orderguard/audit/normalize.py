@@ -50,8 +50,10 @@ def _epoch_us(number: str) -> str:
 
 def time_expr(column: str, kind: str) -> str:
     col = quote(column)
-    if kind.startswith(TIME_TYPES):
+    if kind.startswith(("TIMESTAMP WITH TIME ZONE", "TIMESTAMPTZ", "DATE")):
         return f"epoch_us(CAST({col} AS TIMESTAMPTZ))"
+    if kind.startswith(TIME_TYPES):  # a naive timestamp is read as UTC, as naive text is
+        return f"epoch_us({col})"
     if kind.startswith(NUMBER_TYPES):
         return _epoch_us(f"CAST({col} AS DOUBLE)")
     text = f"CAST({col} AS VARCHAR)"
@@ -60,7 +62,9 @@ def time_expr(column: str, kind: str) -> str:
 
 def number_expr(column: str, kind: str) -> str:
     col = quote(column)
-    if kind.startswith(NUMBER_TYPES) and not kind.startswith(("DOUBLE", "FLOAT", "REAL")):
+    if kind.startswith(NUMBER_TYPES):
+        # integers and decimals convert exactly; a binary float rounds to 10 decimals (its shortest
+        # text would too), and NaN or infinity does not convert at all (NULL: refused)
         return f"TRY_CAST({col} AS {NUMERIC})"
     text = f"trim(CAST({col} AS VARCHAR))"
     # DOUBLE NaN/inf and the text 'nan' do not cast to DECIMAL: they come out NULL and are refused
