@@ -100,8 +100,9 @@ def find_clusters(con: duckdb.DuckDBPyConnection, scope_width: int, settings: Se
     # The first pass sorts every trade carrying only its table row number and time (the sort payload
     # is what costs on millions of rows) and keeps those with a neighbour within the window. Only
     # those are read again, numbered into clusters and scored: their gaps come out the same, since a
-    # trade's previous trade within the window has a neighbour within the window too. Ties in time
-    # keep the order the source gave them (the table's row number).
+    # trade's previous trade within the window has a neighbour within the window too. (The first
+    # pass needs no tie-break: trades at the same instant are each other's neighbours.) In the
+    # second, ties in time keep the order the source gave them (the table's row number).
     # Partitioning by one 64-bit hash of the keys sorts far faster than by their text; it is used
     # only when no two distinct keys of this history share a hash (checked on the distinct keys).
     row = con.execute(f"SELECT count(*) - count(DISTINCT hash({keys})) FROM (SELECT DISTINCT {keys} FROM og_trades)").fetchone()
@@ -111,7 +112,7 @@ def find_clusters(con: duckdb.DuckDBPyConnection, scope_width: int, settings: Se
         CREATE OR REPLACE TEMP TABLE og_members AS
         SELECT r FROM (
             SELECT rowid AS r, us - lag(us) OVER w AS gap_prev, lead(us) OVER w - us AS gap_next
-            FROM og_trades WINDOW w AS (PARTITION BY {partition} ORDER BY us, rowid)
+            FROM og_trades WINDOW w AS (PARTITION BY {partition} ORDER BY us)
         ) WHERE gap_prev <= {window_us} OR gap_next <= {window_us}
         """
     )
