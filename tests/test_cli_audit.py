@@ -223,7 +223,7 @@ def test_edited_plan_is_refused(tmp_path: Path) -> None:
     (["--apply", "x.sql", "--html", "r.html"], "--apply runs a written plan"),
     (["--scope", "strategy", "--no-scope"], "--scope and --no-scope contradict"),
     (["--window", "soon"], "--window 'soon' is not a duration"),
-    (["--window", "0"], "--window must be more than 0"),
+    (["--window", "0"], "--window must be at least 1 ms"),
     (["--window", "8d"], "is not a duration"),
     (["--min-confidence", "1.5"], "--min-confidence must be between"),
     (["--price-tolerance", "0"], "--price-tolerance must be"),

@@ -493,8 +493,9 @@ def audit(
 ) -> None:
     """Find, size and undo duplicate orders already in a trade history (orderguard[audit], DuckDB).
 
-    Read-only unless --apply. Exit 0: no duplicate bursts; 1: duplicates found (or the
-    plan refused); 2: bad source, column, option or plan.
+    Read-only unless --apply. Exit 0: no duplicate bursts; 1: duplicates found; 2: bad source,
+    column or option, a plan --apply refused, or duplicates that --plan could not write a plan
+    for (the report is shown first, the reason after it on stderr).
     """
     from .cli_audit import RichProgress, parse_window, render_applied, render_plan, render_report
     from .cli_render import make_console
@@ -530,19 +531,27 @@ def audit(
                 report = run_audit(source, progress=bar, **kwargs)  # type: ignore[arg-type]
         else:
             report = run_audit(source, **kwargs)  # type: ignore[arg-type]
-        written = None
-        if plan:
-            from .audit.plan import write_plan
-
-            written = write_plan(report, plan)
         if html:
             from .audit.html import render_html
 
+            on_disk = report.source.kind.value != "postgresql"
+            if on_disk and os.path.exists(html) and os.path.samefile(html, report.source.location):
+                raise CliFailure(EXIT_USAGE, f"--html {html} is the source itself; name another file")
+            page = render_html(report)  # rendered before the file is opened: a failure leaves no empty file
             try:
                 with open(html, "w", encoding="utf-8") as handle:
-                    handle.write(render_html(report))
+                    handle.write(page)
             except OSError as exc:
                 raise CliFailure(EXIT_USAGE, f"cannot write --html {html}: {exc.strerror}") from None
+    written = refused = None
+    if plan:
+        from .audit.plan import write_plan
+        from .errors import AuditPlanError
+
+        try:
+            written = write_plan(report, plan)
+        except AuditPlanError as exc:  # the audit still stands: say why there is no plan, after it
+            refused = str(exc)
     if as_json:
         document = report.to_json()
         document["html"] = html
@@ -550,11 +559,15 @@ def audit(
             "plan": written.plan, "rollback": written.rollback, "deletes": written.deletes, "backups": list(written.backups),
             "left_alone": list(written.left_alone),
         }
+        document["plan_refused"] = refused
         _emit_json(document)
     else:
-        render_report(out, report, top, planned=written is not None)
+        render_report(out, report, top, planned=plan is not None)
         if html:
             out.print(f"report: {html}", highlight=False)
         if written is not None:
             render_plan(out, written)
+    if refused is not None:
+        typer.echo(f"orderguard: error: no plan written: {' '.join(refused.split())}", err=True)
+        raise typer.Exit(EXIT_USAGE if report.duplicates else EXIT_OK)
     raise typer.Exit(EXIT_NOT_CLEAN if report.duplicates else EXIT_OK)

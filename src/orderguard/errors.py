@@ -101,5 +101,5 @@ class AuditSourceError(AuditError, ValueError):
 
 
 class AuditPlanError(AuditError):
-    """A correction plan was refused: edited since it was written, written for another source,
-    already applied, or the source changed under it. Nothing was changed."""
+    """A correction plan was refused: edited since it was written, without a backup, already
+    applied, or its checks failed on the source it was given. Nothing was changed."""

@@ -167,6 +167,8 @@ def test_plan_text_and_the_source_untouched(tmp_path: Path) -> None:
     assert "UNVERIFIED" in head
     assert f"-- rollback: {os.path.basename(rollback_path(path))}" in head
     lines = statements(path)
+    assert lines[0] == ".bail on"  # sqlite3's shell stops at the first error when the plan is run by hand
+    lines = lines[1:]
     verbs = [line.split(" ", 1)[0] for line in lines]
     assert verbs[0] == "BEGIN" and verbs[-1] == "COMMIT;"
     first_change = min(i for i, v in enumerate(verbs) if v in ("DELETE", "UPDATE", "INSERT"))
@@ -395,7 +397,7 @@ def test_applied_twice_is_refused_and_changes_nothing(tmp_path: Path) -> None:
     conn.commit()
     conn.close()
     after_drop = dump(db)
-    with pytest.raises(AuditPlanError, match="check failed: 2 rows to delete are still AAPL trades"):
+    with pytest.raises(AuditPlanError, match="check failed: 2 rows to delete are still AAPL buys"):
         apply_plan(db, path)
     assert dump(db) == after_drop
 
@@ -708,7 +710,7 @@ def test_postgres_stale_plan_changes_nothing(pg: tuple[str, str], tmp_path: Path
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(f"UPDATE {schema}.trades SET symbol = 'MSFT.X' WHERE id = 5")
     before = pg_dump(url, schema)
-    with pytest.raises(AuditPlanError, match="check failed: 1 rows to delete are still MSFT trades"):
+    with pytest.raises(AuditPlanError, match="check failed: 1 rows to delete are still MSFT buys"):
         apply_plan(url, path)
     assert pg_dump(url, schema) == before
 

@@ -49,8 +49,8 @@ class Settings:
     price_tolerance: float = 0.01  # a 1 % move from the first fill scores 0 on price
 
     def __post_init__(self) -> None:
-        if not 0 < self.window_seconds <= 86_400 * 7:
-            raise AuditSourceError("--window must be more than 0 seconds and at most 7 days")
+        if not 0.001 <= self.window_seconds <= 86_400 * 7:
+            raise AuditSourceError("--window must be at least 1 ms and at most 7 days")
         if not POSSIBLE_FLOOR <= self.min_confidence <= 1:
             raise AuditSourceError(f"--min-confidence must be between {POSSIBLE_FLOOR} and 1")
         if not 0 < self.price_tolerance <= 1:

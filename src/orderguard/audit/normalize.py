@@ -24,6 +24,7 @@ SELL_WORDS = ("sell", "s", "sld", "sold", "short", "sell_short", "sell_to_open",
 TIME_TYPES = ("TIMESTAMP", "DATE")
 NUMBER_TYPES = ("INT", "BIGINT", "SMALLINT", "TINYINT", "HUGEINT", "DOUBLE", "FLOAT", "REAL", "DECIMAL", "UBIGINT", "UINTEGER")
 EXAMPLES = 3
+MAX_US = 7_258_118_400_000_000  # 2200-01-01: a time past it (or before 1970) is no trade's time
 
 
 @dataclass(frozen=True)
@@ -40,11 +41,11 @@ class Normalized:
 
 
 def _epoch_us(number: str) -> str:
-    # a Unix time in seconds, milliseconds or microseconds, told apart by magnitude
-    # TRY_CAST: an infinite, NaN or out-of-range number is no time (NULL, refused with the row)
+    # A Unix time in seconds, milliseconds, microseconds or nanoseconds, told apart by magnitude.
+    # TRY_CAST: an infinite, NaN or out-of-range number is no time (NULL, refused with the row).
     return (
         f"TRY_CAST(round(CASE WHEN abs({number}) < 1e11 THEN {number} * 1e6 WHEN abs({number}) < 1e14 "
-        f"THEN {number} * 1e3 ELSE {number} END) AS BIGINT)"
+        f"THEN {number} * 1e3 WHEN abs({number}) < 1e17 THEN {number} ELSE {number} / 1e3 END) AS BIGINT)"
     )
 
 
@@ -102,7 +103,7 @@ def normalize(
         f"FROM {quote(raw)}"
     )
     counts = con.execute(
-        "SELECT count(*), count(*) FILTER (WHERE us IS NULL), count(*) FILTER (WHERE symbol IS NULL), "
+        f"SELECT count(*), count(*) FILTER (WHERE us IS NULL OR us < 0 OR us > {MAX_US}), count(*) FILTER (WHERE symbol IS NULL), "
         "count(*) FILTER (WHERE side IS NULL), count(*) FILTER (WHERE qty IS NULL OR qty = 0), "
         "count(*) FILTER (WHERE price IS NULL OR price <= 0), count(*) FILTER (WHERE qty < 0) FROM og_parsed"
     ).fetchone()
@@ -111,7 +112,7 @@ def normalize(
     if total == 0:
         raise AuditSourceError(f"{where} is empty: there are no trades to audit")
     problems = [
-        (bad_time, "time", cols.time, "{p}us IS NULL", "is not a time (ISO 8601 text, a SQL timestamp, or Unix seconds/ms/µs)"),
+        (bad_time, "time", cols.time, "{p}us IS NULL OR {p}us < 0 OR {p}us > " + str(MAX_US), "is not a time from 1970 to 2200 (ISO 8601 text, a SQL timestamp, or Unix s/ms/µs/ns)"),
         (bad_symbol, "symbol", cols.symbol, "{p}symbol IS NULL", "is empty"),
         (bad_side, "side", cols.side, "{p}side IS NULL", "is not a side (buy/sell, b/s, long/short, ...)"),
         (bad_qty, "qty", cols.qty, "{p}qty IS NULL OR {p}qty = 0", "is not a non-zero finite number"),

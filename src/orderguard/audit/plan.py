@@ -25,15 +25,16 @@ from typing import TYPE_CHECKING, Any
 from ..errors import AuditPlanError, AuditSourceError
 from ..intent import canonical_decimal
 from .report import iso_us
-from .source import Source, SourceKind, quote, quote_table, redact_url, sql_string, table_columns
+from .source import Source, SourceKind, dependents, quote, quote_table, redact_url, sql_string, table_columns
 
 if TYPE_CHECKING:
     from .clusters import Cluster
     from .report import AuditReport
 
 MAGIC = "-- orderguard audit plan v1"
+BAIL = ".bail on"  # sqlite3's shell stops at the first error (a plan run by hand twice must not go on)
 MARKER = "-- ---- statements (one per line; checks are comments that --apply runs) ----"
-CHECK = re.compile(r"^-- check \((?P<why>.*)\): expect (?P<value>\S+) from (?P<sql>SELECT .*)$")
+CHECK = re.compile(r"^-- check \((?P<why>[^()]*)\): expect (?P<value>\S+) from (?P<sql>SELECT .*)$")
 IDS_PER_STATEMENT = 1000
 PG_NAME_LIMIT = 63
 
@@ -70,10 +71,32 @@ def rollback_path(plan: str) -> str:
     return f"{base}.rollback{ext or '.sql'}"
 
 
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
 def _literal(value: Any) -> str:
+    """A value as a SQL literal on one plan line; a value that could break the line is refused
+    (a plan is read line by line: a line break inside a value would smuggle in a statement)."""
     if isinstance(value, int):
         return str(value)
-    return sql_string(str(value))
+    text = str(value)
+    if _UNSAFE.search(text):
+        raise AuditPlanError(
+            f"a value the plan must name ({text!r}) holds a line break or control character, which a plan cannot "
+            "carry safely; correct or delete that row by hand"
+        )
+    return sql_string(text)
+
+
+def _one_line(text: str) -> str:
+    """Source values in a plain comment line: no character that could end the line."""
+    return _UNSAFE.sub("?", text)
+
+
+def _safe(text: str) -> str:
+    """Source values shown in plan comments: anything but letters, digits and plain punctuation
+    becomes '?', so a comment can never end early or look like a check."""
+    return "".join(ch if ch.isalnum() or ch in " ._-/=,+$#@%&*[]" else "?" for ch in text)
 
 
 def _chunks(ids: list[Any]) -> list[list[Any]]:
@@ -88,6 +111,12 @@ def _backup_name(source: Source, table: str, stamp: str, token: str, index: int)
     if source.kind is SourceKind.POSTGRES:
         backup = backup.encode()[:PG_NAME_LIMIT].decode(errors="ignore")
     return f"{schema}.{backup}" if schema else backup
+
+
+def _side_words(side: str) -> tuple[str, ...]:
+    from .normalize import BUY_WORDS, SELL_WORDS
+
+    return BUY_WORDS if side == "BUY" else SELL_WORDS
 
 
 def _sealed(lines: list[str], header: list[str]) -> str:
@@ -123,16 +152,29 @@ def write_plan(report: AuditReport, path: str, *, now: datetime | None = None) -
     token = secrets.token_hex(2)
     _check_free(path)
     pg = source.kind is SourceKind.POSTGRES
-    trades_cols = [c.name for c in table_columns(source, table)]
+    watched = [table] + ([report.cash_ref.table] if report.cash_ref and report.cash_ref.table else [])
+    setoff = [f"{name}: {what}" for name in watched for what in dependents(source, name)]
+    if setoff:
+        raise AuditPlanError(
+            "the plan's changes would set off what it cannot back up or undo ("
+            + "; ".join(setoff) + "); correct these rows by hand, or drop those first and plan again"
+        )
+    missing = report.cash_missing()
+    if missing:
+        raise AuditPlanError(
+            f"phantom duplicates drained cash of {', '.join(missing)}, which the cash table has no row for; "
+            "add the rows (or audit with --cash naming a table that has them) and plan again"
+        )
+    trades_cols = [c.name for c in table_columns(source, table) if not c.generated]
     rowid_only = cols.id == "rowid" and "rowid" not in [c.lower() for c in trades_cols]
-    trades_q, key_q, symbol_q = _table_sql(source, table), quote(cols.id), quote(cols.symbol)
+    trades_q, key_q, symbol_q, side_q = _table_sql(source, table), quote(cols.id), quote(cols.symbol), quote(cols.side)
     backup = _backup_name(source, table, stamp, token, 1)
     backups = [backup]
     copy_cols = ([f'"rowid" AS {quote("og_rowid")}'] if rowid_only else []) + [quote(c) for c in trades_cols]
-    lines = ["BEGIN;" if pg else "BEGIN IMMEDIATE;"]
+    lines = ["BEGIN;"] if pg else [BAIL, "BEGIN IMMEDIATE;"]
     lines.append(f"CREATE TABLE {_table_sql(source, backup)} AS SELECT {', '.join(copy_cols)} FROM {trades_q};")
     lines.append(
-        f"-- check (the backup {backup} holds every row of {table}): expect 1 from SELECT CASE WHEN "
+        f"-- check (the backup {_safe(backup)} holds every row of {_safe(table)}): expect 1 from SELECT CASE WHEN "
         f"(SELECT count(*) FROM {_table_sql(source, backup)}) = (SELECT count(*) FROM {trades_q}) THEN 1 ELSE 0 END"
     )
     cash_ref = report.cash_ref
@@ -145,7 +187,7 @@ def write_plan(report: AuditReport, path: str, *, now: datetime | None = None) -
         backups.append(cash_backup)
         lines.append(f"CREATE TABLE {_table_sql(source, cash_backup)} AS SELECT * FROM {_table_sql(source, cash_table)};")
         lines.append(
-            f"-- check (the backup {cash_backup} holds every row of {cash_table}): expect 1 from SELECT CASE WHEN "
+            f"-- check (the backup {_safe(cash_backup)} holds every row of {_safe(cash_table)}): expect 1 from SELECT CASE WHEN "
             f"(SELECT count(*) FROM {_table_sql(source, cash_backup)}) = (SELECT count(*) FROM {_table_sql(source, cash_table)}) THEN 1 ELSE 0 END"
         )
         cash_delta = {c.key: c.phantom for c in report.cash if c.phantom}
@@ -153,23 +195,24 @@ def write_plan(report: AuditReport, path: str, *, now: datetime | None = None) -
     for cluster in sorted(fixable, key=lambda c: (c.symbol, c.first_us)):
         ids = list(cluster.repeat_ids)
         deleted.extend(ids)
-        lines.append(f"-- {_describe(report, cluster)}")
+        lines.append(f"-- {_one_line(_describe(report, cluster))}")
         for chunk in _chunks(ids):
             in_list = ", ".join(_literal(i) for i in chunk)
             lines.append(
-                f"-- check ({len(chunk)} rows to delete are still {cluster.symbol} trades): expect {len(chunk)} from "
-                f"SELECT count(*) FROM {trades_q} WHERE {key_q} IN ({in_list}) AND trim(CAST({symbol_q} AS TEXT)) = {sql_string(cluster.symbol)}"
+                f"-- check ({len(chunk)} rows to delete are still {_safe(cluster.symbol)} {cluster.side.lower()}s): expect {len(chunk)} from "
+                f"SELECT count(*) FROM {trades_q} WHERE {key_q} IN ({in_list}) AND trim(CAST({symbol_q} AS TEXT)) = {_literal(cluster.symbol)}"
+                f" AND lower(trim(CAST({side_q} AS TEXT))) IN ({', '.join(sql_string(w) for w in _side_words(cluster.side))})"
             )
             lines.append(f"DELETE FROM {trades_q} WHERE {key_q} IN ({in_list});")
-    rollback_lines = ["BEGIN;" if pg else "BEGIN IMMEDIATE;"]
+    rollback_lines = ["BEGIN;"] if pg else [BAIL, "BEGIN IMMEDIATE;"]
     all_ids = ", ".join(_literal(i) for i in deleted)
     rollback_lines.append(
-        f"-- check (none of the {len(deleted)} deleted rows is back in {table}): expect 0 from "
+        f"-- check (none of the {len(deleted)} deleted rows is back in {_safe(table)}): expect 0 from "
         f"SELECT count(*) FROM {trades_q} WHERE {key_q} IN ({all_ids})"
     )
     backup_key = quote("og_rowid") if rowid_only else key_q
     rollback_lines.append(
-        f"-- check (the backup {backup} still holds the {len(deleted)} rows): expect {len(deleted)} from "
+        f"-- check (the backup {_safe(backup)} still holds the {len(deleted)} rows): expect {len(deleted)} from "
         f"SELECT count(*) FROM {_table_sql(source, backup)} WHERE {backup_key} IN ({all_ids})"
     )
     insert_cols = (['"rowid"'] if rowid_only else []) + [quote(c) for c in trades_cols]
@@ -214,7 +257,9 @@ def write_plan(report: AuditReport, path: str, *, now: datetime | None = None) -
         f"-- deletes {len(deleted)} duplicate rows in {len(fixable)} clusters"
         + (f"; adds {canonical_decimal(total_cash)} to {cash_ref.table}.{cash_ref.columns[-1]}" if cash_ref and cash_delta else ""),
         f"-- verified: {verified}",
-        *[f"-- left alone: {line}" for line in left_alone],
+        *(["-- rowid keys: SQLite renumbers them on VACUUM; apply this plan before any VACUUM, or plan again after"]
+          if rowid_only else []),
+        *[f"-- left alone: {_one_line(line)}" for line in left_alone],
         f"-- backups first: {', '.join(backups)} (full copies, in this database)",
         f"-- rollback: {os.path.basename(rollback_path(path))}",
         "-- review, then apply with: orderguard audit SOURCE --apply THIS_FILE",
@@ -256,11 +301,11 @@ def _write_pair(path: str, plan: str, rollback: str) -> None:
 def _key_condition(columns: tuple[str, ...], key: tuple[str, ...]) -> str:
     if not columns:
         return ""
-    return " WHERE " + " AND ".join(f"CAST({quote(c)} AS TEXT) = {sql_string(v)}" for c, v in zip(columns, key, strict=True))
+    return " WHERE " + " AND ".join(f"CAST({quote(c)} AS TEXT) = {_literal(v)}" for c, v in zip(columns, key, strict=True))
 
 
 def _key_text(columns: tuple[str, ...], key: tuple[str, ...]) -> str:
-    return ", ".join(f"{c}={v}" for c, v in zip(columns, key, strict=True)) or "the account"
+    return _safe(", ".join(f"{c}={v}" for c, v in zip(columns, key, strict=True))) or "the account"
 
 
 def _describe(report: AuditReport, c: Cluster) -> str:
@@ -278,11 +323,10 @@ def _left_alone(report: AuditReport, fixable: list[Cluster]) -> list[str]:
         if id(c) in kept:
             continue
         status = report.status_of(c)
-        why = (
-            "the positions hold them: the venue filled these; reduce the position there, do not delete history"
-            if status.value == "REAL"
-            else "the positions match neither with nor without them: look at this symbol by hand"
-        )
+        why = {
+            "REAL": "the positions hold them: the venue filled these; reduce the position there, do not delete history",
+            "OK": "its buy and sell duplicates cancel out, so the positions cannot tell: look at this symbol by hand",
+        }.get(status.value, "the positions match neither with nor without them: look at this symbol by hand")
         out.append(f"{c.symbol} {' '.join(c.scope)} {c.side} ({c.repeats} duplicates, {status.value}): {why}")
     return out
 
@@ -316,8 +360,8 @@ def read_plan(path: str) -> tuple[list[str], list[_Step]]:
             "(sqlite3/psql) after review, or write a new plan with --plan"
         )
     steps: list[_Step] = []
-    for line in body.splitlines():
-        if not line.strip():
+    for line in body.split("\n"):  # only "\n" ends a line: other separators are not line ends here
+        if not line.strip() or line == BAIL:
             continue
         match = CHECK.match(line)
         if match:
@@ -437,12 +481,15 @@ def _run_sqlite(db: str, steps: list[_Step], path: str) -> ApplyResult:
 
 
 def _run_postgres(url: str, steps: list[_Step], path: str) -> ApplyResult:
-    import psycopg
+    try:
+        import psycopg
+    except ImportError as exc:
+        raise AuditPlanError(f"a PostgreSQL plan needs psycopg: pip install 'orderguard[postgres]' ({exc.name} missing)") from None
 
     counts = {"deleted": 0, "updated": 0, "inserted": 0}
     checks = statements = 0
     try:
-        conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
+        conn = psycopg.connect(url, autocommit=True, connect_timeout=10, options="-c lock_timeout=30s")
     except psycopg.Error as exc:
         raise AuditSourceError(f"cannot connect to {redact_url(url)}: {str(exc).strip().splitlines()[0]}") from None
     try:
@@ -460,8 +507,9 @@ def _run_postgres(url: str, steps: list[_Step], path: str) -> ApplyResult:
             statements += 1
             _tally(counts, step.sql, cursor.rowcount)
     except BaseException:
-        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-            conn.execute("ROLLBACK")
+        with contextlib.suppress(psycopg.Error):  # a broken connection rolls back by itself
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                conn.execute("ROLLBACK")
         raise
     finally:
         conn.close()

@@ -94,6 +94,15 @@ class AuditReport:
         allowed = (BookStatus.PHANTOM, BookStatus.UNVERIFIED)
         return [c for c in self.duplicates if self.status_of(c) in allowed]
 
+    def cash_missing(self) -> list[str]:
+        """Keys (account...) whose phantom duplicates drained cash but which have no cash row."""
+        if self.cash is None or self.cash_ref is None:
+            return []
+        have = {c.key for c in self.cash}
+        index = [self.columns.scope.index(name) for name in self.cash_ref.join]
+        missing = {tuple(c.scope[i] for i in index) for c in self.fixable()} - have
+        return sorted(", ".join(f"{n}={v}" for n, v in zip(self.cash_ref.join, key, strict=True)) for key in missing)
+
     def by_symbol(self) -> list[SymbolTotal]:
         """Per scope and symbol, most phantom notional first."""
         groups: dict[tuple[tuple[str, ...], str], list[Cluster]] = {}

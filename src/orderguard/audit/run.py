@@ -13,7 +13,18 @@ from .clusters import Settings, find_clusters
 from .columns import map_trade_columns
 from .normalize import normalize
 from .report import AuditReport
-from .source import Snapshot, Source, check_name, has_rowid, list_tables, load_table, parse_source, table_columns
+from .source import (
+    Snapshot,
+    Source,
+    SourceKind,
+    check_name,
+    has_rowid,
+    list_tables,
+    load_table,
+    parse_source,
+    stored_as_integers,
+    table_columns,
+)
 
 if TYPE_CHECKING:
     import duckdb
@@ -119,6 +130,8 @@ def _audit(
         if progress is not None:
             progress.phase("checking values")
         id_type = "INTEGER" if use_rowid else next((c.type for c in columns if c.name == cols.id), "")
+        if cols.id and not id_type and table is not None and src.kind is SourceKind.SQLITE:
+            id_type = "INTEGER" if stored_as_integers(src, table, cols.id, snap) else "TEXT"
         norm = normalize(con, "og_raw", cols, where, skip_bad_rows=skip_bad_rows, id_type=id_type)
         if use_rowid:
             cols = replace(cols, id="rowid")
@@ -150,6 +163,12 @@ def _audit(
                 progress.phase("reconciling cash")
             cash_ref = load_cash(con, src, cash, cols, snap)
             cash_checks = tuple(check_cash(con, cash_ref, cols, report.fixable(), start_cash))
+            missing = replace(report, cash=cash_checks, cash_ref=cash_ref).cash_missing()
+            if missing:
+                report = replace(report, warnings=(*report.warnings, (
+                    f"phantom duplicates drained cash of {', '.join(missing)}, which the cash table has no row for "
+                    "(that cash error is not in the figures below)"
+                )))
         elif start_cash is not None:
             raise AuditSourceError("--starting-cash needs --cash TABLE (the cash it is compared with)")
     except duckdb.Error as exc:  # e.g. bytes that are not UTF-8 past the part DuckDB sniffed

@@ -9,8 +9,8 @@ and an audit must work on a machine without network access. Sources are opened r
 from __future__ import annotations
 
 import contextlib
-import csv
 import os
+import pathlib
 import sqlite3
 import tempfile
 from dataclasses import dataclass
@@ -139,11 +139,12 @@ def sql_string(text: str) -> str:
 class Column:
     name: str
     type: str  # as the source declares it (upper case; empty when undeclared)
+    generated: bool = False  # computed by the database: never copied back by a rollback
 
 
 def _sqlite_connect(path: str) -> sqlite3.Connection:
     try:
-        uri = "file:" + path.replace("?", "%3f").replace("#", "%23") + "?mode=ro"
+        uri = pathlib.Path(path).resolve().as_uri() + "?mode=ro"  # percent-encodes '%', '?' and '#' in the name
         conn = sqlite3.connect(uri, uri=True)
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
     except sqlite3.Error as exc:
@@ -215,10 +216,6 @@ def _connection(source: Source, snapshot: Snapshot | None) -> Iterator[Any]:
         yield pg
 
 
-def _pg_split(table: str) -> tuple[str, str]:
-    return (table.split(".", 1)[0], table.split(".", 1)[1]) if "." in table else ("public", table)
-
-
 def list_tables(source: Source, snapshot: Snapshot | None = None) -> list[str]:
     """The tables of a database source (``schema.table`` for PostgreSQL schemas other than public)."""
     if source.kind is SourceKind.SQLITE:
@@ -240,23 +237,24 @@ def table_columns(source: Source, table: str | None, snapshot: Snapshot | None =
         assert table is not None
         check_name(table, "table")
         with _connection(source, snapshot) as conn:
-            rows = conn.execute(f"PRAGMA table_info({quote(table)})").fetchall()
+            rows = conn.execute(f"PRAGMA table_xinfo({quote(table)})").fetchall()
         if not rows:
             _missing_table(source, table, snapshot)
-        return [Column(r[1], (r[2] or "").upper()) for r in rows]
+        # hidden 2/3: generated columns (1: virtual-table hidden columns, not data)
+        return [Column(r[1], (r[2] or "").upper(), r[6] in (2, 3)) for r in rows if r[6] != 1]
     if source.kind is SourceKind.POSTGRES:
         assert table is not None
         check_name(table, "table")
-        schema, name = _pg_split(table)
+        # the table the data reads will see (search_path and all), resolved by PostgreSQL itself
         with _connection(source, snapshot) as conn:
             rows = conn.execute(
-                "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = %s AND table_name = %s "
-                "ORDER BY ordinal_position",
-                (schema, name),
+                "SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attgenerated <> '' FROM pg_attribute a "
+                "WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+                (quote_table(table),),
             ).fetchall()
         if not rows:
             _missing_table(source, table, snapshot)
-        return [Column(r[0], str(r[1]).upper()) for r in rows]
+        return [Column(r[0], str(r[1]).upper(), bool(r[2])) for r in rows]
     import duckdb
 
     con = duckdb.connect()
@@ -269,6 +267,37 @@ def table_columns(source: Source, table: str | None, snapshot: Snapshot | None =
     if not rows:
         raise AuditSourceError(f"{source.location} has no columns")
     return [Column(r[0], str(r[1]).upper()) for r in rows]
+
+
+def stored_as_integers(source: Source, table: str, column: str, snapshot: Snapshot | None = None) -> bool:
+    """Whether every value of an undeclared SQLite column is stored as an integer (so a plan names
+    its rows with integer literals; text '2' is not the integer 2 to SQLite)."""
+    with _connection(source, snapshot) as conn:
+        row = conn.execute(
+            f"SELECT count(*) FROM {quote(table)} WHERE typeof({quote(column)}) NOT IN ('integer', 'null')"
+        ).fetchone()
+    return row is not None and row[0] == 0
+
+
+def dependents(source: Source, table: str, snapshot: Snapshot | None = None) -> list[str]:
+    """Triggers on ``table`` and foreign keys pointing at it: a plan's deletes would set them off
+    (cascading deletes of rows no backup holds, a trigger adjusting cash a second time)."""
+    found: list[str] = []
+    with _connection(source, snapshot) as conn:
+        if source.kind is SourceKind.SQLITE:
+            found += [f"trigger {r[0]}" for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = ?", (table,))]
+            for (other,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+                for fk in conn.execute(f"PRAGMA foreign_key_list({quote(other)})").fetchall():
+                    if fk[2] == table:
+                        found.append(f"foreign key of {other} ({fk[3]}) ON DELETE {fk[6]}")
+        else:
+            found += [f"trigger {r[0]}" for r in conn.execute(
+                "SELECT tgname FROM pg_trigger WHERE tgrelid = to_regclass(%s) AND NOT tgisinternal", (quote_table(table),))]
+            found += [f"foreign key {r[0]} of {r[1]}" for r in conn.execute(
+                "SELECT conname, conrelid::regclass::text FROM pg_constraint WHERE contype = 'f' AND confrelid = to_regclass(%s)",
+                (quote_table(table),))]
+    return found
 
 
 def has_rowid(source: Source, table: str, snapshot: Snapshot | None = None) -> bool:
@@ -340,7 +369,8 @@ def load_table(
         try:
             con.execute(
                 f"CREATE OR REPLACE TEMP TABLE {quote(into)} AS SELECT * FROM read_csv({sql_string(path)}, header = true, "
-                f"columns = {types}, nullstr = '\\N', quote = '\"', escape = '\"', delim = ',', strict_mode = true)"
+                f"columns = {types}, nullstr = '', allow_quoted_nulls = false, quote = '\"', escape = '\"', delim = ',', "
+                "strict_mode = true)"
             )
         except duckdb.Error as exc:
             raise AuditSourceError(f"cannot load table {table!r} of {source.display}: {_first_line(exc)}") from None
@@ -348,30 +378,32 @@ def load_table(
     return int(count)
 
 
-def _sqlite_value(value: object) -> object:
-    # floats keep their shortest round-trip text (what the user sees in sqlite3); NULL gets a marker
-    if value is None:
-        return "\\N"
-    if isinstance(value, bytes):
-        return value.hex()
-    return value
+def _sqlite_csv_field(column: str) -> str:
+    # SQLite writes each CSV field itself (C speed): NULL is the one unquoted empty field, every
+    # value is quoted text (REAL as SQLite shows it, 15 significant digits), a BLOB becomes x'..',
+    # which no role parses, so a blob is never taken for a number or a time.
+    col = quote(column)
+    blob = "'\"x''' || hex(" + col + ") || '''\"'"
+    text = "'\"' || replace(CAST(" + col + " AS TEXT), '\"', '\"\"') || '\"'"
+    return f"CASE WHEN {col} IS NULL THEN '' WHEN typeof({col}) = 'blob' THEN {blob} ELSE {text} END"
 
 
 def _sqlite_to_csv(
     conn: sqlite3.Connection, path: str, table: str, columns: list[str], rowid: bool, out: str,
     progress: Callable[[int], None] | None, total: Callable[[int], None] | None,
 ) -> None:
-    select = ", ".join(quote(c) for c in columns) + (", rowid" if rowid else "")
+    fields = [_sqlite_csv_field(c) for c in columns] + (["rowid"] if rowid else [])
+    line = " || ',' || ".join(fields)
     written = 0
     try:
         if total is not None:
             total(int(conn.execute(f"SELECT count(*) FROM {quote(table)}").fetchone()[0]))
-        cursor = conn.execute(f"SELECT {select} FROM {quote(table)}")
-        with open(out, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle, lineterminator="\n")
-            writer.writerow([*columns, "__og_rowid"] if rowid else columns)
+        cursor = conn.execute(f"SELECT {line} FROM {quote(table)}")
+        with open(out, "w", encoding="utf-8", newline="") as handle:
+            handle.write(",".join(_csv_header(c) for c in [*columns, *(["__og_rowid"] if rowid else [])]) + "\n")
             while batch := cursor.fetchmany(FETCH_ROWS):
-                writer.writerows([_sqlite_value(v) for v in row] for row in batch)
+                handle.write("\n".join([row[0] for row in batch]))
+                handle.write("\n")
                 written += len(batch)
                 if progress is not None:
                     progress(written)
@@ -393,7 +425,8 @@ def _pg_to_csv(
         with conn.cursor() as cur, open(out, "wb") as handle:
             header = ",".join(_csv_header(c) for c in columns) + "\n"
             handle.write(header.encode())
-            with cur.copy(f"COPY (SELECT {select} FROM {quote_table(table)}) TO STDOUT WITH (FORMAT csv, NULL '\\N')") as copy:
+            # PostgreSQL's CSV: NULL is the unquoted empty field, an empty string is quoted
+            with cur.copy(f"COPY (SELECT {select} FROM {quote_table(table)}) TO STDOUT WITH (FORMAT csv, FORCE_QUOTE *)") as copy:
                 for block in copy:
                     handle.write(block)
                     written += bytes(block).count(b"\n")
