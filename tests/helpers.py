@@ -61,3 +61,14 @@ def wait_stopped(proc: subprocess.Popen[str], timeout: float) -> None:
             return
         time.sleep(0.02)
     pytest.fail(f"child {proc.pid} did not stop within {timeout}s")
+
+
+def need_duckdb() -> Any:
+    """DuckDB (the audit extra): missing is a skip locally and a failure with CI=true (module level)."""
+    try:
+        import duckdb
+    except ImportError:
+        if os.environ.get("CI", "").strip().lower() == "true":
+            pytest.fail("duckdb is not installed: the audit tests need pip install 'orderguard[audit]'", pytrace=False)
+        pytest.skip("duckdb is not installed (pip install 'orderguard[audit]')", allow_module_level=True)
+    return duckdb

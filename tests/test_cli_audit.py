@@ -15,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from orderguard.cli import app
+from tests.helpers import need_duckdb
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -23,18 +24,9 @@ if TYPE_CHECKING:
     from click.testing import Result
 
 
-def _need_duckdb() -> Any:
-    """DuckDB (the audit extra): missing is a skip locally and a failure with CI=true."""
-    try:
-        import duckdb
-    except ImportError:
-        if os.environ.get("CI", "").strip().lower() == "true":
-            pytest.fail("duckdb is not installed: the audit tests need pip install 'orderguard[audit]'", pytrace=False)
-        pytest.skip("duckdb is not installed (pip install 'orderguard[audit]')", allow_module_level=True)
-    return duckdb
 
 
-_need_duckdb()
+need_duckdb()
 
 T0 = datetime(2026, 1, 20, 14, 30, tzinfo=UTC)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -24,7 +24,7 @@ import pytest
 from orderguard.audit import audit
 from orderguard.audit.plan import MAGIC, MARKER, apply_plan, read_plan, rollback_path, write_plan
 from orderguard.errors import AuditError, AuditPlanError, AuditSourceError
-from tests.helpers import unavailable
+from tests.helpers import need_duckdb, unavailable
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -32,18 +32,9 @@ if TYPE_CHECKING:
     from orderguard.audit import AuditReport
 
 
-def _need_duckdb() -> Any:
-    """DuckDB (the audit extra): missing is a skip locally and a failure with CI=true."""
-    try:
-        import duckdb
-    except ImportError:
-        if os.environ.get("CI", "").strip().lower() == "true":
-            pytest.fail("duckdb is not installed: the audit tests need pip install 'orderguard[audit]'", pytrace=False)
-        pytest.skip("duckdb is not installed (pip install 'orderguard[audit]')", allow_module_level=True)
-    return duckdb
 
 
-_need_duckdb()
+need_duckdb()
 
 T0 = datetime(2026, 1, 20, 14, 30, tzinfo=UTC)
 PG_URL = os.environ.get("ORDERGUARD_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")

@@ -11,34 +11,20 @@ exact duplicates (same size and price, each 0-3 s after the order before it in i
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import tempfile
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orderguard.audit import Settings, Verdict, audit
 from orderguard.audit.plan import apply_plan, rollback_path, write_plan
+from tests.helpers import need_duckdb
 
-
-def _need_duckdb() -> Any:
-    """DuckDB (the audit extra): missing is a skip locally and a failure with CI=true."""
-    try:
-        import duckdb
-    except ImportError:
-        if os.environ.get("CI", "").strip().lower() == "true":
-            pytest.fail("duckdb is not installed: the audit tests need pip install 'orderguard[audit]'", pytrace=False)
-        pytest.skip("duckdb is not installed (pip install 'orderguard[audit]')", allow_module_level=True)
-    return duckdb
-
-
-_need_duckdb()
+need_duckdb()
 
 EPOCH_MS = 1_768_919_400_000  # 2026-01-20T14:30:00Z
 WINDOW_S = 60

@@ -24,7 +24,7 @@ import pytest
 from orderguard.audit import Settings, Verdict, audit
 from orderguard.audit.source import parse_source, redact_url
 from orderguard.errors import AuditError, AuditSourceError
-from tests.helpers import unavailable
+from tests.helpers import need_duckdb, unavailable
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -33,18 +33,9 @@ if TYPE_CHECKING:
     from orderguard.audit import AuditReport
 
 
-def _need_duckdb() -> Any:
-    """DuckDB (the audit extra): missing is a skip locally and a failure with CI=true."""
-    try:
-        import duckdb
-    except ImportError:
-        if os.environ.get("CI", "").strip().lower() == "true":
-            pytest.fail("duckdb is not installed: the audit tests need pip install 'orderguard[audit]'", pytrace=False)
-        pytest.skip("duckdb is not installed (pip install 'orderguard[audit]')", allow_module_level=True)
-    return duckdb
 
 
-duckdb = _need_duckdb()
+duckdb = need_duckdb()
 
 T0 = datetime(2026, 1, 20, 14, 30, tzinfo=UTC)
 EPOCH0 = int(T0.timestamp())

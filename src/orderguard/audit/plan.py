@@ -28,6 +28,8 @@ from .report import iso_us
 from .source import Source, SourceKind, dependents, quote, quote_table, redact_url, sql_string, table_columns
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .clusters import Cluster
     from .report import AuditReport
 
@@ -455,29 +457,15 @@ def _run_sqlite(db: str, steps: list[_Step], path: str) -> ApplyResult:
     if not os.path.exists(db):
         raise AuditSourceError(f"source {db} does not exist")
     conn = sqlite3.connect(db, isolation_level=None, timeout=30)
-    counts = {"deleted": 0, "updated": 0, "inserted": 0}
-    checks = statements = 0
-    try:
-        for step in steps:
-            if step.check is not None:
-                got = _check_value(conn, step, path)
-                checks += 1
-                if str(got) != step.check[1]:
-                    raise _refuse(path, step.check[0], step.check[1], got)
-                continue
-            try:
-                cursor = conn.execute(step.sql)
-            except sqlite3.Error as exc:
-                raise _failed(path, step.sql, str(exc)) from None
-            statements += 1
-            _tally(counts, step.sql, cursor.rowcount)
-    except BaseException:
+
+    def rollback() -> None:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
-        raise
+
+    try:
+        return _run(conn, steps, path, sqlite3.Error, rollback)
     finally:
         conn.close()
-    return ApplyResult(statements, checks, **counts)
 
 
 def _run_postgres(url: str, steps: list[_Step], path: str) -> ApplyResult:
@@ -486,12 +474,27 @@ def _run_postgres(url: str, steps: list[_Step], path: str) -> ApplyResult:
     except ImportError as exc:
         raise AuditPlanError(f"a PostgreSQL plan needs psycopg: pip install 'orderguard[postgres]' ({exc.name} missing)") from None
 
-    counts = {"deleted": 0, "updated": 0, "inserted": 0}
-    checks = statements = 0
     try:
         conn = psycopg.connect(url, autocommit=True, connect_timeout=10, options="-c lock_timeout=30s")
     except psycopg.Error as exc:
         raise AuditSourceError(f"cannot connect to {redact_url(url)}: {str(exc).strip().splitlines()[0]}") from None
+
+    def rollback() -> None:
+        with contextlib.suppress(psycopg.Error):  # a broken connection rolls back by itself
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                conn.execute("ROLLBACK")
+
+    try:
+        return _run(conn, steps, path, psycopg.Error, rollback)
+    finally:
+        conn.close()
+
+
+def _run(conn: Any, steps: list[_Step], path: str, db_error: type[Exception], rollback: Callable[[], None]) -> ApplyResult:
+    """The steps in order on an autocommit connection (the plan's BEGIN/COMMIT make the transaction);
+    any failed check or statement rolls everything back."""
+    counts = {"deleted": 0, "updated": 0, "inserted": 0}
+    checks = statements = 0
     try:
         for step in steps:
             if step.check is not None:
@@ -502,15 +505,11 @@ def _run_postgres(url: str, steps: list[_Step], path: str) -> ApplyResult:
                 continue
             try:
                 cursor = conn.execute(step.sql)
-            except psycopg.Error as exc:
+            except db_error as exc:
                 raise _failed(path, step.sql, str(exc).strip().splitlines()[0]) from None
             statements += 1
             _tally(counts, step.sql, cursor.rowcount)
     except BaseException:
-        with contextlib.suppress(psycopg.Error):  # a broken connection rolls back by itself
-            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                conn.execute("ROLLBACK")
+        rollback()
         raise
-    finally:
-        conn.close()
     return ApplyResult(statements, checks, **counts)
