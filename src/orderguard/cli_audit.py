@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$", re.IGNORECASE)
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-LARGE_INPUT_ROWS = 200_000
 
 
 def parse_window(text: str) -> float:
