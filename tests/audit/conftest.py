@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,3 +39,17 @@ def pg_url() -> str:
     except Exception as exc:
         unavailable(f"no PostgreSQL at {PG_URL}: {exc}")
     return PG_URL
+
+
+@pytest.fixture
+def pg(pg_url: str) -> Iterator[tuple[str, str]]:
+    """(URL, a fresh schema) on the PostgreSQL test server, dropped with everything in it afterwards."""
+    import psycopg
+
+    schema = "og_audit_" + uuid.uuid4().hex[:10]
+    with psycopg.connect(pg_url, autocommit=True, connect_timeout=3) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+        try:
+            yield pg_url, schema
+        finally:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")

@@ -12,7 +12,6 @@ import queue
 import re
 import sqlite3
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -24,10 +23,10 @@ import pytest
 from orderguard.audit import audit
 from orderguard.audit.plan import MAGIC, MARKER, apply_plan, read_plan, rollback_path, write_plan
 from orderguard.errors import AuditError, AuditPlanError, AuditSourceError
-from tests.helpers import need_duckdb, unavailable
+from tests.helpers import need_duckdb
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Sequence
 
     from orderguard.audit import AuditReport
 
@@ -624,21 +623,6 @@ def test_two_processes_apply_one_plan_once_sqlite(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- PostgreSQL
 
 
-@pytest.fixture
-def pg() -> Iterator[tuple[str, str]]:
-    """(URL, a fresh schema) on the local PostgreSQL, dropped afterwards."""
-    psycopg = pytest.importorskip("psycopg")
-    try:
-        conn = psycopg.connect(PG_URL, autocommit=True, connect_timeout=3)
-    except psycopg.Error as exc:
-        unavailable(f"PostgreSQL at {PG_URL} is not reachable: {exc}")
-    schema = "og_plan_" + uuid.uuid4().hex[:10]
-    conn.execute(f"CREATE SCHEMA {schema}")
-    try:
-        yield PG_URL, schema
-    finally:
-        conn.execute(f"DROP SCHEMA {schema} CASCADE")
-        conn.close()
 
 
 def pg_make(url: str, schema: str, *, id_type: str = "bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY") -> None:

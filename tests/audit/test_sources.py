@@ -13,7 +13,6 @@ import multiprocessing
 import os
 import sqlite3
 import time
-import uuid
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -24,10 +23,10 @@ import pytest
 from orderguard.audit import Settings, Verdict, audit
 from orderguard.audit.source import parse_source, redact_url
 from orderguard.errors import AuditError, AuditSourceError
-from tests.helpers import need_duckdb, unavailable
+from tests.helpers import need_duckdb
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Sequence
     from pathlib import Path
 
     from orderguard.audit import AuditReport
@@ -767,21 +766,6 @@ def test_audit_never_writes_the_source(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- PostgreSQL
 
 
-@pytest.fixture
-def pg() -> Iterator[tuple[str, str]]:
-    """(URL, a fresh schema) on the local PostgreSQL, dropped afterwards."""
-    psycopg = pytest.importorskip("psycopg")
-    try:
-        conn = psycopg.connect(PG_URL, autocommit=True, connect_timeout=3)
-    except psycopg.Error as exc:
-        unavailable(f"PostgreSQL at {PG_URL} is not reachable: {exc}")
-    schema = "og_src_" + uuid.uuid4().hex[:10]
-    conn.execute(f"CREATE SCHEMA {schema}")
-    try:
-        yield PG_URL, schema
-    finally:
-        conn.execute(f"DROP SCHEMA {schema} CASCADE")
-        conn.close()
 
 
 def _pg_exec(url: str, *statements: str, params: Sequence[Sequence[Any]] = ()) -> None:
