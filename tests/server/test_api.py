@@ -839,6 +839,33 @@ def test_events_stream_changes_made_by_another_process(
             stream.close()
 
 
+def test_events_catch_up_on_changes_committed_before_listen_is_in_place(
+    make_gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A change committed after subscribing but before the hub's LISTEN is in place is not notified:
+    # the hub must catch up as soon as LISTEN is in place, not at the end of the listen span.
+    monkeypatch.setattr(server_events, "LISTEN_SPAN", 30.0)
+    gw = make_gateway("postgres")
+    store = gw.guard.store
+    caller, policy = Caller.current("events-test"), (OncePer(Ever()),)
+    claimed = store.claim(OrderIntent(account="main", strategy="early", symbol="E1", side="BUY", quantity=1), policy, caller)
+    hub = server_events.EventHub(store)
+    got: list[dict[str, Any]] = []
+    hub.subscribe(got.append)
+    gw.guard.resolve(claimed.intent.id, State.ABANDONED, note="before the hub listens")
+    hub.start()
+    try:
+        deadline = time.monotonic() + 10
+        seen = False
+        while not seen and time.monotonic() < deadline:
+            seen = any(e["type"] == "intent" and e["intent"]["id"] == claimed.intent.id and e["intent"]["state"] == "ABANDONED"
+                       for e in list(got))
+            time.sleep(0.02)
+    finally:
+        hub.stop()
+    assert seen, "the change made before LISTEN was in place never reached the subscribers"
+
+
 @pytest.mark.parametrize("kind", ["sqlite", "postgres"])
 def test_events_stream_a_state_change_of_an_intent_past_the_newest_500(make_gateway: GatewayFactory, kind: str) -> None:
     offset = [-3600.0]  # the bulk of the day was claimed an hour ago

@@ -110,6 +110,9 @@ class EventHub:
     def _listen(self, listen: Any) -> None:
         """PostgreSQL: each notification names what changed, so it is read by its key."""
         for note in listen(timeout=LISTEN_SPAN):
+            if "listening" in note:  # LISTEN is in place: catch up on what committed while it was not
+                self.poll()
+                continue
             with self._poll_lock:
                 if "intent" in note:
                     self._publish_intents([self.store.get(note["intent"])])

@@ -670,11 +670,13 @@ class PostgresStore(Store):
     def listen(self, timeout: float | None = None) -> Iterator[dict[str, str]]:
         """Changes from every process on every host: ``{"intent": id, "state": S}`` for an intent's
         state, ``{"attempt": id}`` for a blocked attempt, ``{"halt": "changed"}`` when a trading
-        scope was halted or resumed."""
+        scope was halted or resumed. The first item, ``{"listening": "now"}``, comes once LISTEN is
+        in place: what committed before it is not notified here (a caller catches up then)."""
         psycopg = self._psycopg
         try:
             with psycopg.connect(self.url, autocommit=True, **self._kwargs) as conn:
                 conn.execute(f"LISTEN {self.channel}")
+                yield {"listening": "now"}
                 for note in conn.notifies(timeout=timeout):
                     yield json.loads(note.payload)
         except psycopg.Error as exc:
