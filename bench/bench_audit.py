@@ -60,6 +60,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from _common import git_revision
+
 CONTENDERS = ("audit/parquet", "audit/sqlite", "pandas", "sqlite")
 HEADLINE = "audit/parquet"
 BASELINE = "pandas"
@@ -87,18 +89,6 @@ def say(*parts: object) -> None:
 
 JSON_MODE = False
 
-
-def git_revision(repo: str) -> str:
-    try:
-        rev = subprocess.run(
-            ["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", repo, "status", "--porcelain", "--", "src"], capture_output=True, text=True, timeout=5, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return rev + (" (src/ has uncommitted changes)" if dirty else "")
 
 
 def rss_kib(field: str = "VmRSS") -> int:

@@ -44,13 +44,14 @@ import random
 import shlex
 import shutil
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+
+from _common import git_revision, percentile
 
 from orderguard import Ever, Guard, OncePer, OrderIntent, State, TradingDay
 from orderguard import __version__ as orderguard_version
@@ -98,31 +99,10 @@ def raw_params(prefix: str, count: int) -> list[tuple[str, str, float]]:
     return [(f"{prefix}{i:07d}", "bench", now) for i in range(count)]
 
 
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (q in [0, 100])."""
-    if not sorted_values:
-        return float("nan")
-    pos = (len(sorted_values) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
 
 def pragma(conn: sqlite3.Connection, name: str) -> Any:
     return conn.execute(f"PRAGMA {name}").fetchone()[0]
 
-
-def git_revision(repo: str) -> str:
-    try:
-        rev = subprocess.run(
-            ["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", repo, "status", "--porcelain", "--", "src"], capture_output=True, text=True, timeout=5, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return rev + (" (src/ has uncommitted changes)" if dirty else "")
 
 
 # ------------------------------------------------------------------------------ latency

@@ -54,6 +54,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from _common import git_revision, percentile
 from pydantic import BaseModel, StrictInt, StrictStr
 
 GOAL = 1500.0  # intents/s on 2 cores with SQLite, from the issue
@@ -316,15 +317,6 @@ def run_round(server: Server, prefix: str, connections: int, args: argparse.Name
 # ------------------------------------------------------------------------------ report
 
 
-def percentile(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    pos = (len(sorted_values) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
 @dataclass
 class Summary:
     name: str
@@ -366,18 +358,6 @@ def resolved(choice: str, fast: str, fallback: str) -> str:
     import importlib.util
 
     return fast if importlib.util.find_spec(fast) is not None else f"{fallback} ({fast} not installed)"
-
-
-def git_revision() -> str:
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        rev = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--", "src"], capture_output=True,
-                               text=True, timeout=5, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return rev + (" (src/ has uncommitted changes)" if dirty else "")
 
 
 def main(argv: list[str] | None = None) -> None:
