@@ -32,11 +32,12 @@ def dead_caller() -> Caller:
     return Caller(host=this_host(), pid=int(out.stdout), runner="crashed", thread="MainThread", started="exited")
 
 
-def unavailable(why: str) -> None:
-    """A service a test needs is missing: with CI=true that is a failure, elsewhere a skip."""
+def unavailable(why: str, *, module: bool = False) -> None:
+    """A service or package a test needs is missing: with CI=true that is a failure, elsewhere a
+    skip (of the whole module with ``module=True``, called at import time)."""
     if os.environ.get("CI", "").strip().lower() == "true":
         pytest.fail(f"{why} (CI=true: this test must run, not skip)", pytrace=False)
-    pytest.skip(why)
+    pytest.skip(why, allow_module_level=module)
 
 
 def finish(proc: subprocess.Popen[str], timeout: float) -> tuple[int, dict[str, Any] | None, str]:
@@ -68,7 +69,5 @@ def need_duckdb() -> Any:
     try:
         import duckdb
     except ImportError:
-        if os.environ.get("CI", "").strip().lower() == "true":
-            pytest.fail("duckdb is not installed: the audit tests need pip install 'orderguard[audit]'", pytrace=False)
-        pytest.skip("duckdb is not installed (pip install 'orderguard[audit]')", allow_module_level=True)
+        unavailable("duckdb is not installed: the audit tests need pip install 'orderguard[audit]'", module=True)
     return duckdb
