@@ -71,14 +71,6 @@ class TableRef:
     join: tuple[str, ...]  # names of the join columns in the trades table
 
 
-@dataclass(frozen=True)
-class Books:
-    positions: tuple[PositionCheck, ...]
-    cash: tuple[CashCheck, ...]
-    positions_ref: TableRef | None
-    cash_ref: TableRef | None
-
-
 def resolve(source: Source, name: str) -> tuple[Source, str | None]:
     """A positions/cash table of the audited database, or a separate file for file sources."""
     if source.is_database:

@@ -143,7 +143,3 @@ def pick_column(columns: list[Column], candidates: tuple[str, ...], role: str, w
             f"(columns: {_listing(columns)})"
         )
     return found
-
-
-def optional_column(columns: list[Column], name: str) -> str | None:
-    return _find(columns, name)
