@@ -498,20 +498,22 @@ def test_killed_runner_is_stale_and_alerted_once_clean_stop_never(
     store = ledger.store()
     clean.close_cleanly()
 
+    doomed.kill()
+    # No other guard of the strategy runs yet: a live peer marks a dead same-host runner stopped
+    # as soon as it sees it stale (checked below), which would race this look at the raw record.
+    flag = poll(
+        lambda: [f for f in runner_flags(store.runners(), store.now()) if f.runner.id == doomed.runner_id],
+        "the killed runner to be flagged",
+    )
+    assert [f.kind for f in flag] == ["STALE"]
+    assert f"pid {doomed.pid}" in flag[0].message and "without stopping" in flag[0].message
+    dead = runner(store, doomed.runner_id)
+    assert dead.stopped_at is None and dead.stale(store.now()) and not dead.live(store.now())
+
     sink = CollectingSink()
     notifier = Notifier([sink], interval=0.05)  # a repeated alert would go out again at once
     watcher = Guard(store, runner="alpha-watch", strategy="alpha", code=code, heartbeat_every=BEAT, alerts=notifier)
     try:
-        doomed.kill()
-        flag = poll(
-            lambda: [f for f in runner_flags(store.runners(), store.now()) if f.runner.id == doomed.runner_id],
-            "the killed runner to be flagged",
-        )
-        assert [f.kind for f in flag] == ["STALE"]
-        assert f"pid {doomed.pid}" in flag[0].message and "without stopping" in flag[0].message
-        dead = runner(store, doomed.runner_id)
-        assert dead.stopped_at is None and dead.stale(store.now()) and not dead.live(store.now())
-
         # The live guard of the same strategy alerts it, once, however many beats follow.
         poll(lambda: sink.of(AlertKind.STALE_RUNNER), "the watcher's STALE_RUNNER alert")
         wait_beats(store, watcher.runner_id, 4)
@@ -521,6 +523,9 @@ def test_killed_runner_is_stale_and_alerted_once_clean_stop_never(
         assert stale_alerts[0].scope == "strategy=alpha"
         logged = [r for r in caplog.records if r.getMessage().startswith("STALE:")]
         assert len(logged) == 1 and f"pid {doomed.pid}" in logged[0].getMessage()
+        # Its pid is gone from this host, so the watcher marked it stopped: never flagged again.
+        assert runner(store, doomed.runner_id).stopped_at is not None
+        assert doomed.runner_id not in {f.runner.id for f in runner_flags(store.runners(), store.now())}
 
         # The cleanly closed runner is never flagged, however long it has been silent.
         gone = runner(store, clean.runner_id)
