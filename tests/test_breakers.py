@@ -766,11 +766,11 @@ class LedgerGrabbingVenue:
         self.locker.close()
         self.locker = None
 
-    def lookup(self, client_order_id: str) -> BrokerOrder | None:
-        return self.venue.lookup(client_order_id)
+    def lookup(self, client_order_id: str, *, symbol: str | None = None) -> BrokerOrder | None:
+        return self.venue.lookup(client_order_id, symbol=symbol)
 
-    def cancel(self, client_order_id: str) -> BrokerOrder:
-        return self.venue.cancel(client_order_id)
+    def cancel(self, client_order_id: str, *, symbol: str | None = None) -> BrokerOrder:
+        return self.venue.cancel(client_order_id, symbol=symbol)
 
     def positions(self, account: str | None = None) -> Any:
         return self.venue.positions(account)

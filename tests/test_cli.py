@@ -449,12 +449,17 @@ def test_unreachable_postgres_store_is_a_store_error() -> None:
     assert_one_line_error(err, "PostgreSQL")
 
 
-def test_bad_broker_specs_are_usage_errors_and_change_nothing(ledger: Ledger) -> None:
+def test_bad_broker_specs_are_usage_errors_and_change_nothing(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("APCA_API_KEY_ID", raising=False)
+    monkeypatch.delenv("BINANCE_API_KEY", raising=False)
     junk = ledger.path.with_name("junk.bin")
     junk.write_bytes(b"\x00junk" * 100)
     cases = {
         "paper://relative.db": "absolute path",
-        "alpaca://paper": "paper:///",  # lists the known schemes
+        "kraken://spot": "paper:///",  # lists the known schemes
+        "alpaca://paper": "APCA_API_KEY_ID",  # keys come from the environment only
+        "ccxt://binance?sandbox=1": "BINANCE_API_KEY",
+        "ccxt://kraken": "supports binance",
         str(ledger.paper): "no scheme",
         f"paper://{ledger.path.with_name('absent.db')}": "no paper venue",
         f"paper://{ledger.path}": "not a paper venue",  # the ledger itself
@@ -469,9 +474,9 @@ def test_bad_broker_specs_are_usage_errors_and_change_nothing(ledger: Ledger) ->
 
 
 def test_broker_spec_registry() -> None:
-    assert "paper:///abs/path/paper.db" in known_specs()
-    with pytest.raises(BrokerSpecError, match="known: paper:///"):
-        open_broker("ccxt://binance")
+    assert {"paper:///abs/path/paper.db", "alpaca://paper", "ccxt://binance?sandbox=1"} <= set(known_specs())
+    with pytest.raises(BrokerSpecError, match="known: alpaca://paper, ccxt://binance"):
+        open_broker("ibkr://gateway")
 
 
 def test_version_is_unchanged() -> None:

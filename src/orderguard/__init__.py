@@ -27,6 +27,7 @@ from .errors import (
     InvalidTransition,
     NotClaimed,
     OrderGuardError,
+    OrderNotSent,
     OrderRejected,
     SchemaMismatch,
     SendDeadlineExceeded,
@@ -34,6 +35,7 @@ from .errors import (
     StoreLocked,
     StoreUnavailable,
     UnsupportedFilesystem,
+    VenueUnreachable,
 )
 from .guard import Guard
 from .halts import HaltCause, HaltRecord, TradingState
@@ -67,8 +69,8 @@ __all__ = [
     "ClockError", "ConfigurationError", "Cooldown", "Cycle", "DuplicateClientOrderId", "Ever",
     "FencedOut", "Guard", "HaltCause", "HaltRecord", "IntentNotFound", "IntentRecord", "InvalidIntent", "InvalidPolicy",
     "InvalidTransition", "LogSink", "MaxOpen", "NotClaimed", "Notifier", "NotionalLimit", "OncePer", "OneOpen", "OrderGuardError",
-    "OrderIntent", "OrderRejected", "OrderType", "Outcome", "Policy", "RateLimit", "ReconcileReport", "RunnerRecord",
+    "OrderIntent", "OrderNotSent", "OrderRejected", "OrderType", "Outcome", "Policy", "RateLimit", "ReconcileReport", "RunnerRecord",
     "SchemaMismatch", "SendDeadlineExceeded", "Side", "State", "StoreError", "StoreLocked",
-    "StoreUnavailable", "SubmitResult", "TimeInForce", "TradingDay", "TradingState", "UnsupportedFilesystem", "WebhookSink",
+    "StoreUnavailable", "SubmitResult", "TimeInForce", "TradingDay", "TradingState", "UnsupportedFilesystem", "VenueUnreachable", "WebhookSink",
     "current_claim",
 ]

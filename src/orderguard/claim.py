@@ -11,7 +11,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from .brokers.base import OrderRequest
-from .errors import BrokerError, FencedOut, NotClaimed, OrderRejected, SendDeadlineExceeded, StoreError
+from .errors import BrokerError, FencedOut, NotClaimed, OrderNotSent, OrderRejected, SendDeadlineExceeded, StoreError
 from .states import PENDING, State
 from .store.base import BlockReason, ClaimDecision, IntentRecord, TransitionFields
 
@@ -49,6 +49,9 @@ class SubmitResult:
     reason: BlockReason | None = None
     holder: IntentRecord | None = None
     order: BrokerOrder | None = None
+    # NOT_SENT because the adapter refused the order as the venue cannot take it (OrderNotSent):
+    # sending it again unchanged will not help. False for a deadline or an unreachable venue.
+    unsendable: bool = False
 
     @property
     def sent(self) -> bool:
@@ -252,7 +255,7 @@ class Claim:
         return self._move(State.ABANDONED, TransitionFields(note=reason))
 
     def not_sent(self, reason: str) -> IntentRecord:
-        """The adapter proved nothing left (the send deadline passed before the write): ABANDONED."""
+        """The adapter proved nothing left (send deadline passed, or it refused the order): ABANDONED."""
         return self._move(State.ABANDONED, TransitionFields(note=reason))
 
     def record(self, order: BrokerOrder) -> IntentRecord:
@@ -292,7 +295,7 @@ class Claim:
         """Settle the claim at the end of a ``with`` block or decorated call.
 
         Fail safe: only what proves nothing was sent frees the scope (ABANDONED): an exception
-        or a silent end before the client order id was handed out, or SendDeadlineExceeded. A
+        or a silent end before the client order id was handed out, SendDeadlineExceeded or OrderNotSent. A
         venue rejection is REJECTED. Anything else after the id was handed out, and any other
         broker error, is UNKNOWN: never released, never retried blindly.
         """
@@ -300,7 +303,7 @@ class Claim:
         if record is None or record.state not in PENDING:
             return
         try:
-            if isinstance(exc, SendDeadlineExceeded):
+            if isinstance(exc, (SendDeadlineExceeded, OrderNotSent)):
                 self.not_sent(str(exc))
             elif isinstance(exc, OrderRejected):
                 self.rejected(str(exc))

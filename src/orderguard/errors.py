@@ -87,6 +87,17 @@ class AmbiguousOutcome(BrokerError):
     """
 
 
+class OrderNotSent(BrokerError):
+    """The adapter refused the order before any byte left for the venue (an order type the venue
+    lacks, a quantity it cannot carry exactly, another account's order): nothing was placed.
+    Sending the same order again will not help: change it."""
+
+
+class VenueUnreachable(OrderNotSent):
+    """The connection to the venue could not be made (refused, connect timeout): nothing was
+    sent. Unlike its parent, this passes: try again later."""
+
+
 class DuplicateClientOrderId(BrokerError):
     """The venue says this client order id already exists: look it up, never resend."""
 

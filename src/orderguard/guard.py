@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import dataclasses
 import functools
 import inspect
 import logging
@@ -27,10 +28,12 @@ from .errors import (
     InvalidIntent,
     InvalidTransition,
     OrderGuardError,
+    OrderNotSent,
     OrderRejected,
     SchemaMismatch,
     SendDeadlineExceeded,
     StoreError,
+    VenueUnreachable,
 )
 from .halts import HaltCause, HaltRecord
 from .heartbeat import Heartbeat
@@ -354,8 +357,10 @@ class Guard:
         try:
             request = claim.request()
             order = broker.submit(request)
-        except SendDeadlineExceeded as exc:
-            return self._settle(claim, functools.partial(claim.not_sent, str(exc)), Outcome.NOT_SENT, None)
+        except (SendDeadlineExceeded, OrderNotSent) as exc:
+            result = self._settle(claim, functools.partial(claim.not_sent, str(exc)), Outcome.NOT_SENT, None)
+            unsendable = isinstance(exc, OrderNotSent) and not isinstance(exc, VenueUnreachable)
+            return dataclasses.replace(result, unsendable=unsendable) if unsendable else result
         except OrderRejected as exc:
             return self._settle(claim, functools.partial(claim.rejected, str(exc)), Outcome.SENT, None)
         except DuplicateClientOrderId as exc:
@@ -366,7 +371,7 @@ class Guard:
                 f"{broker.name} already knows client order id {request.client_order_id} ({exc}); another "
                 "sender or a recreated ledger may be reusing ids",
             )
-            order = self._lookup_after_duplicate(broker, request.client_order_id)
+            order = self._lookup_after_duplicate(broker, request.client_order_id, request.symbol)
             if order is None or not _same_order(order, request):
                 why = (
                     f"venue reports a duplicate id but lookup finds none: {exc}" if order is None else
@@ -388,9 +393,9 @@ class Guard:
         return result
 
     @staticmethod
-    def _lookup_after_duplicate(broker: Broker, coid: str) -> BrokerOrder | None:
+    def _lookup_after_duplicate(broker: Broker, coid: str, symbol: str) -> BrokerOrder | None:
         try:
-            return broker.lookup(coid)
+            return broker.lookup(coid, symbol=symbol)
         except Exception as exc:  # the lookup itself failed: stay UNKNOWN
             log.error("lookup of %s after a duplicate-id answer failed: %s", coid, exc)
             return None
@@ -431,7 +436,7 @@ class Guard:
                 break
             time.sleep(min(0.05, remaining))
             try:
-                seen = broker.lookup(coid)
+                seen = broker.lookup(coid, symbol=claim.intent.symbol)
             except Exception as exc:
                 log.warning("lookup of %s while waiting for its fill failed: %s", coid, exc)
                 continue

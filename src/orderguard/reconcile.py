@@ -102,7 +102,7 @@ class _Reconciler:
 
     def lookup(self, rec: IntentRecord) -> tuple[bool, BrokerOrder | None]:
         try:
-            order = self.broker.lookup(rec.client_order_id)
+            order = self.broker.lookup(rec.client_order_id, symbol=rec.symbol)
         except Exception as exc:  # a failed lookup proves nothing either way
             self.report.unresolved.append(_decision(rec, None, f"lookup at {self.broker.name} failed: {exc}"))
             return False, None

@@ -3,6 +3,7 @@
 Adapters must classify every failure of ``submit``:
 
 * :class:`~orderguard.errors.OrderRejected` — the venue definitely refused; nothing placed.
+* :class:`~orderguard.errors.OrderNotSent` — the adapter refused before anything left.
 * :class:`~orderguard.errors.DuplicateClientOrderId` — the venue already has this client
   order id; the guard looks it up and never resends.
 * :class:`~orderguard.errors.AmbiguousOutcome` — timeout, reset, 5xx: may or may not exist.
@@ -140,11 +141,15 @@ class Broker(Protocol):
         """Place ``order`` under its client order id. SDK retries of this call must be off."""
         ...
 
-    def lookup(self, client_order_id: str) -> BrokerOrder | None:
-        """The order with this client order id, or None when the venue does not show one."""
+    def lookup(self, client_order_id: str, *, symbol: str | None = None) -> BrokerOrder | None:
+        """The order with this client order id, or None when the venue does not show one.
+
+        ``symbol`` is the intent's symbol: venues that index orders by market (Binance) need
+        it. A lookup that cannot be made raises; only a venue's definite "no such order" is None.
+        """
         ...
 
-    def cancel(self, client_order_id: str) -> BrokerOrder:
+    def cancel(self, client_order_id: str, *, symbol: str | None = None) -> BrokerOrder:
         """Cancel an open order; returns its state after the request."""
         ...
 

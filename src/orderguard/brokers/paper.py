@@ -186,7 +186,7 @@ class PaperBroker:
         if self.dedupe is VenueDedupe.PERMANENT or row[0] in _OPEN:
             raise DuplicateClientOrderId(f"paper venue: client order id {coid} already exists ({row[0]})")
 
-    def lookup(self, client_order_id: str) -> BrokerOrder | None:
+    def lookup(self, client_order_id: str, *, symbol: str | None = None) -> BrokerOrder | None:
         now = time.time()
         with self._db.write("paper lookup") as conn:
             self._advance(conn, now)
@@ -194,7 +194,7 @@ class PaperBroker:
                 conn, "client_order_id = ? AND visible_at <= ?", (client_order_id, now)
             )
 
-    def cancel(self, client_order_id: str) -> BrokerOrder:
+    def cancel(self, client_order_id: str, *, symbol: str | None = None) -> BrokerOrder:
         with self._db.write("paper cancel") as conn:
             self._advance(conn, time.time())
             order = self._order(conn, "client_order_id = ?", (client_order_id,))

@@ -14,8 +14,8 @@ from __future__ import annotations
 import os
 import sqlite3
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-from urllib.parse import quote
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, quote
 
 from ..errors import ConfigurationError, StoreError
 
@@ -116,3 +116,98 @@ def _sqlite_tables(path: str, spec: str) -> set[str]:
 
 
 register("paper", _open_paper, example=PAPER_EXAMPLE)
+
+
+# ------------------------------------------------------------------- real venues
+
+_COMMON = {"account", "timeout", "url", "lookup_grace"}
+_SHOWN = {"account", "timeout", "lookup_grace", "sandbox", "symbols", "lookup_before_send"}  # never credentials
+_YES, _NO = ("1", "true", "yes"), ("0", "false", "no")
+
+
+def _shown(spec: str) -> str:
+    """The spec as errors may show it: options other than the harmless ones are masked (a key
+    pasted into a spec by mistake must not reach a terminal or a log)."""
+    head, _, query = spec.partition("?")
+    if not query:
+        return head
+    shown = []
+    for part in query.split("&"):
+        key, sep, value = part.partition("=")
+        shown.append(f"{key}{sep}{value if key in _SHOWN else '***' if sep else ''}")
+    return f"{head}?{'&'.join(shown)}"
+
+
+def _venue_options(spec: str, query: str, allowed: set[str]) -> dict[str, str]:
+    """A spec's ``?key=value&...`` options: known keys, each once."""
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        raise BrokerSpecError(f"broker spec {_shown(spec)!r} has a malformed option list; use ?key=value&key=value") from None
+    options: dict[str, str] = {}
+    for key, value in pairs:
+        if key not in allowed:
+            raise BrokerSpecError(f"broker spec {_shown(spec)!r}: unknown option {key!r}; known: {', '.join(sorted(allowed))}")
+        if key in options:
+            raise BrokerSpecError(f"broker spec {_shown(spec)!r}: option {key!r} is given twice")
+        options[key] = value
+    return options
+
+
+def _seconds(spec: str, options: dict[str, str], key: str) -> dict[str, float]:
+    if key not in options:
+        return {}  # the adapter's own default
+    try:
+        return {key: float(options[key])}
+    except ValueError:
+        raise BrokerSpecError(f"broker spec {_shown(spec)!r}: {key}={options[key]!r} is not a number of seconds") from None
+
+
+def _flag(spec: str, options: dict[str, str], key: str) -> bool:
+    value = options.get(key, "0").lower()
+    if value not in _YES + _NO:
+        raise BrokerSpecError(f"broker spec {_shown(spec)!r}: {key}={options[key]!r}; use {key}=1 or {key}=0")
+    return value in _YES
+
+
+def _common(spec: str, options: dict[str, str]) -> dict[str, Any]:
+    return {
+        "account": options.get("account", "main"),
+        "url": options.get("url") or None,
+        **_seconds(spec, options, "timeout"),
+        **_seconds(spec, options, "lookup_grace"),
+    }
+
+
+def _open_alpaca(spec: str) -> Broker:
+    """``alpaca://paper`` or ``alpaca://live`` [``?account=&timeout=&url=&lookup_grace=``]."""
+    where, _, query = spec.partition("://")[2].partition("?")
+    if where.rstrip("/") not in ("paper", "live"):
+        raise BrokerSpecError(f"broker spec {_shown(spec)!r}: say alpaca://paper or alpaca://live")
+    options = _venue_options(spec, query, _COMMON)
+    try:
+        from .alpaca import AlpacaBroker
+
+        return AlpacaBroker.from_env(paper=where.rstrip("/") == "paper", **_common(spec, options))
+    except ConfigurationError as exc:
+        raise BrokerSpecError(f"cannot open {_shown(spec)!r}: {exc}") from exc
+
+
+def _open_ccxt(spec: str) -> Broker:
+    """``ccxt://binance`` [``?sandbox=1&account=&timeout=&url=&lookup_grace=&symbols=BTC/USDT,ETH/USDT&lookup_before_send=1``]."""
+    exchange, _, query = spec.partition("://")[2].partition("?")
+    options = _venue_options(spec, query, _COMMON | {"sandbox", "symbols", "lookup_before_send"})
+    symbols = [s.strip() for s in options.get("symbols", "").split(",") if s.strip()]
+    try:
+        from .ccxt import CcxtBroker
+
+        return CcxtBroker.from_env(
+            exchange.rstrip("/").lower(), sandbox=_flag(spec, options, "sandbox"), symbols=symbols,
+            lookup_before_send=_flag(spec, options, "lookup_before_send"), **_common(spec, options),
+        )
+    except ConfigurationError as exc:
+        raise BrokerSpecError(f"cannot open {_shown(spec)!r}: {exc}") from exc
+
+
+register("alpaca", _open_alpaca, example="alpaca://paper")
+register("ccxt", _open_ccxt, example="ccxt://binance?sandbox=1")

@@ -244,7 +244,8 @@ def create_app(
         """Submit an intent through the configured broker and the strategy's policies.
 
         201: sent (the body says its state); 409: blocked (reason, and the intent that holds the
-        scope); 503: not sent (the ledger could not vouch for it). A retry of the same request or a
+        scope); 422: not sent, the venue cannot take this order as given (the message says why);
+        503: not sent (the ledger could not vouch for it, or the venue could not be reached). A retry of the same request or a
         second click is blocked by the intent's own scope.
         """
         intent = body.to_intent()
@@ -257,6 +258,8 @@ def create_app(
             "intent": plain(result.intent) if result.intent else None,
         }
         status = {Outcome.SENT: 201, Outcome.BLOCKED: 409, Outcome.NOT_SENT: 503}[result.outcome]
+        if result.unsendable:  # the venue cannot take this order as given: a retry would fail the same way
+            status = 422
         return JSONResponse(status_code=status, content=document)  # plain() made it JSON-ready
 
     @app.get("/v1/intents")
