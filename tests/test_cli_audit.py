@@ -8,13 +8,13 @@ import os
 import sqlite3
 import subprocess
 import sys
-from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from typer.testing import CliRunner
 
 from orderguard.cli import app
+from tests.audit.times import iso
 from tests.helpers import need_duckdb
 
 if TYPE_CHECKING:
@@ -28,12 +28,7 @@ if TYPE_CHECKING:
 
 need_duckdb()
 
-T0 = datetime(2026, 1, 20, 14, 30, tzinfo=UTC)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def iso(seconds: float) -> str:
-    return (T0 + timedelta(seconds=seconds)).isoformat().replace("+00:00", "Z")
 
 
 CLEAN = [(1, iso(0), "AAPL", "buy", 10, 100.0, "alpha"), (2, iso(600), "AAPL", "buy", 10, 100.0, "alpha"),

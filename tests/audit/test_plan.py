@@ -12,17 +12,17 @@ import queue
 import re
 import sqlite3
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
 from orderguard.audit import audit
 from orderguard.audit.plan import MAGIC, MARKER, apply_plan, read_plan, rollback_path, write_plan
 from orderguard.errors import AuditError, AuditPlanError, AuditSourceError
+from tests.audit.times import iso, with_password
 from tests.helpers import need_duckdb
 
 if TYPE_CHECKING:
@@ -35,21 +35,8 @@ if TYPE_CHECKING:
 
 need_duckdb()
 
-T0 = datetime(2026, 1, 20, 14, 30, tzinfo=UTC)
 PG_URL = os.environ.get("ORDERGUARD_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 NOW = datetime(2026, 2, 1, 12, 0, 0, tzinfo=UTC)
-
-
-def iso(seconds: float) -> str:
-    return (T0 + timedelta(seconds=seconds)).isoformat().replace("+00:00", "Z")
-
-
-def with_password(url: str, password: str) -> str:
-    """``url`` with its password set to ``password`` (trust auth ignores it; the audit must hide it)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = f"{parts.username or 'postgres'}:{password}@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 # Two duplicates of AAPL (ids 2, 3), one of MSFT (id 5) at 0.1 x 3 = 0.3; id 6 a legit trade later.

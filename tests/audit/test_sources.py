@@ -13,16 +13,16 @@ import multiprocessing
 import os
 import sqlite3
 import time
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
 from orderguard.audit import Settings, Verdict, audit
 from orderguard.audit.source import parse_source, redact_url
 from orderguard.errors import AuditError, AuditSourceError
+from tests.audit.times import T0, iso, with_password
 from tests.helpers import need_duckdb
 
 if TYPE_CHECKING:
@@ -36,23 +36,10 @@ if TYPE_CHECKING:
 
 duckdb = need_duckdb()
 
-T0 = datetime(2026, 1, 20, 14, 30, tzinfo=UTC)
 EPOCH0 = int(T0.timestamp())
 COLS = ("id", "timestamp", "symbol", "side", "qty", "price", "strategy")
 KINDS = ("sqlite", "csv", "parquet")
 PG_URL = os.environ.get("ORDERGUARD_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
-
-
-def iso(seconds: float) -> str:
-    return (T0 + timedelta(seconds=seconds)).isoformat().replace("+00:00", "Z")
-
-
-def with_password(url: str, password: str) -> str:
-    """``url`` with its password set to ``password`` (trust auth ignores it; the audit must hide it)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = f"{parts.username or 'postgres'}:{password}@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def row(i: int, sec: float, symbol: str = "AAPL", side: str = "buy", qty: Any = 10, price: Any = 100,
